@@ -1,0 +1,50 @@
+"""ernie-compile: parse and validate arguments, then call the Python API (compiler/pipeline.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import USER_ERROR_EXIT, UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .compiler.presets import DEFAULT_PRESET, PRESETS
+
+    p = argparse.ArgumentParser(prog="ernie-compile", description="Compile an ERNIE 4.5 checkpoint ahead of time.")
+    p.add_argument("--model", help=f"Hugging Face checkpoint folder, or a preset with random weights "
+                                   f"({', '.join(PRESETS)}); default: the embedded {DEFAULT_PRESET}")
+    p.add_argument("--target", default="cpu", help="cpu (this machine) or cpu:LLVM_TRIPLE, e.g. "
+                                                   "cpu:aarch64-linux-android (default: cpu)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
+    p.add_argument("--max-seq-len", type=int, help="context limit, prompt + new tokens "
+                                                   "(default: 2048 or the model's limit if smaller)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    p.add_argument("--dump-ir", type=Path, help="write each phase's IR into this folder")
+    p.add_argument("--report", type=Path, help="write stage timings and pass counts as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from .compiler.options import CompileOptions
+        from .compiler.pipeline import compile_model
+
+        opts = CompileOptions(output=args.output, model=args.model, target=args.target,
+                              max_seq_len=args.max_seq_len, seed=args.seed, dump_ir=args.dump_ir,
+                              report=args.report)
+        if args.quiet:
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
+        compile_model(opts, log=(lambda *_: None) if args.quiet else print)
+        return 0
+    except UserError as e:
+        print(f"ernie-compile: error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

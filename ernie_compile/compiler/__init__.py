@@ -1,0 +1,1 @@
+"""The compiler: options → load → capture → passes → lower → build → package (pipeline.py)."""

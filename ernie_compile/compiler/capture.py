@@ -1,0 +1,61 @@
+"""Stage 2: transformers model → two torch.export programs sharing one set of weights.
+
+prefill(input_ids [1, T], position_ids [1, T]) → logits of the last token [1, V], T symbolic in
+[1, max_seq_len]; decode(input_ids [1, 1], position_ids [1, 1]) → [1, V]. The KV cache is not a
+tensor input: attention goes through `ernie.kv_attention` (passes/route_attention_to_kv_cache.py),
+which lowering binds to TVM's paged KV cache. Positions are inputs, so nothing in the graph derives
+them from shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InternalError
+from ..passes import all_passes
+
+
+class _Step(torch.nn.Module):
+    """One forward step returning only the last position's logits (what generation needs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids):
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1]  # [1, V]
+
+
+@dataclass
+class Captured:
+    prefill: torch.export.ExportedProgram
+    decode: torch.export.ExportedProgram
+    # Weight names in the order the captured programs take them (transformers state-dict names).
+    param_names: list[str]
+
+
+def parameter_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
+    """Graph input name → transformers state-dict name, for every lifted parameter."""
+    prefix = "model."
+    return {s.arg.name: s.target.removeprefix(prefix) for s in ep.graph_signature.input_specs
+            if s.kind.name == "PARAMETER"}
+
+
+def capture(model, max_seq_len: int) -> Captured:
+    for p in all_passes():
+        if p.expected_sites(model.config):
+            p.install(model).check()
+    step = _Step(model).eval()
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
+    ids = torch.zeros(1, 4, dtype=torch.int64)
+    pos = torch.arange(4).unsqueeze(0)
+    with torch.no_grad():
+        prefill = torch.export.export(step, (ids, pos), dynamic_shapes={"input_ids": {1: seq},
+                                                                        "position_ids": {1: seq}})
+        decode = torch.export.export(step, (ids[:, :1], pos[:, :1]))
+    names = [list(parameter_names(ep).values()) for ep in (prefill, decode)]
+    if names[0] != names[1]:
+        raise InternalError("prefill and decode captured different parameter lists")
+    return Captured(prefill, decode, names[0])

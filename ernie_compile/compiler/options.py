@@ -1,0 +1,19 @@
+"""The resolved options of one compile: printed at start, written into the manifest."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    output: Path
+    model: str | None = None  # folder, preset name, or None for the embedded default
+    target: str = "cpu"  # NAME[:LLVM_TRIPLE], see targets/
+    max_seq_len: int | None = None  # context limit, prompt + new tokens; None: min(2048, the model's)
+    seed: int = 0  # random weights of presets
+    dump_ir: Path | None = None
+    report: Path | None = None
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

@@ -1,0 +1,131 @@
+"""The one place that decides stage order.
+
+    Phase 0. resolve   options + target (cheap checks first: nothing is loaded for a bad flag)
+    Phase 1. load      checkpoint folder / preset → transformers model (compiler/load.py)
+    Phase 2. capture   torch.export of prefill and decode, attention routed through our op (capture.py)
+    Phase 3. lower     ExportedPrograms → Relax IRModule; graph passes run here (lower.py, passes/)
+    Phase 4. build     Relax → target library (targets/)
+    Phase 5. package   artifact folder with manifest and hashes (package.py)
+
+`--dump-ir DIR` writes each phase's IR; `--report FILE` writes timings and pass counts as JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .. import __version__
+from ..errors import UserError
+from ..targets import get_target
+from . import package
+from .options import CompileOptions
+
+PAGE_SIZE = 16  # tokens per KV-cache page
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+class _Stages:
+    """Times each phase and tells the user where the compile is."""
+
+    def __init__(self, log):
+        self.log, self.seconds = log, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        self.log(f"[{name}] …")
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t, 3)
+        self.log(f"[{name}] {self.seconds[name]:.2f} s")
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+    import tvm
+
+    return {"ernie_compile": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "tvm": tvm.__version__}
+
+
+def compile_model(opts: CompileOptions, log=print) -> dict:
+    """Compile per `opts`; returns the report (also written to opts.report). Raises UserError."""
+    target = get_target(opts.target)
+    tvm_target = target.tvm_target()
+    if opts.max_seq_len is not None and opts.max_seq_len < 2:
+        raise UserError(f"--max-seq-len {opts.max_seq_len}: must be at least 2")
+    package.check_output(opts.output)
+    stages = _Stages(log)
+    dump = Path(opts.dump_ir) if opts.dump_ir else None
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
+
+    from .load import load
+
+    with stages("load"):
+        loaded = load(opts.model, opts.seed)
+    config = loaded.model.config
+    if opts.max_seq_len is None:
+        opts = dataclasses.replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings))
+    elif opts.max_seq_len > config.max_position_embeddings:
+        raise UserError(f"--max-seq-len {opts.max_seq_len} exceeds the model's max_position_embeddings "
+                        f"({config.max_position_embeddings})")
+    log("options: " + json.dumps(opts.as_dict()))
+
+    from .capture import capture
+
+    with stages("capture"):
+        captured = capture(loaded.model, opts.max_seq_len)
+    if dump:
+        for name in ("prefill", "decode"):
+            (dump / f"2-capture.{name}.txt").write_text(str(getattr(captured, name).graph_module.code))
+
+    from .lower import lower
+
+    with stages("lower"):
+        mod, pass_reports = lower(captured, config, tvm_target)
+    for r in pass_reports:
+        log(f"  pass {r}")
+    if dump:
+        (dump / "3-lower.relax.py").write_text(mod.script(show_meta=False))
+
+    with package.staging(opts.output) as tmp:
+        with stages("build"):
+            library = target.build(mod, tmp)
+        with stages("package"):
+            state = loaded.model.state_dict()
+            package.write_weights(state, captured.param_names, tmp / "weights.safetensors")
+            tokenizer_files = package.copy_tokenizer(loaded.tokenizer_files, tmp)
+            eos = config.eos_token_id
+            manifest = {
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "model": {"source": loaded.source, "model_type": config.model_type,
+                          "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
+                          "config": json.loads(config.to_json_string(use_diff=False))},
+                "options": opts.as_dict(),
+                "target": {"spec": target.spec, "device": target.device, "tvm": str(tvm_target),
+                           "runnable_here": target.runnable_here},
+                "versions": _versions(),
+                "dtype": "float32",
+                "library": library.name,
+                "functions": {"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
+                "weights": {"file": "weights.safetensors", "order": captured.param_names},
+                "kv_cache": {"max_seq_len": opts.max_seq_len, "page_size": PAGE_SIZE},
+                "vocab_size": config.vocab_size,
+                "tokenizer": {"files": tokenizer_files, "bos_token_id": config.bos_token_id,
+                              "eos_token_ids": eos if isinstance(eos, list) else [eos]},
+                "passes": {r.name: {"matched": r.matched, "expected": r.expected} for r in pass_reports},
+            }
+            package.write_manifest(tmp, manifest)
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+
+    report = {"output": str(Path(opts.output).resolve()), "options": opts.as_dict(), "stages": stages.seconds,
+              "passes": manifest["passes"], "artifact_bytes": size}
+    log(f"wrote {report['output']} ({size / 2**20:.1f} MiB) in {sum(stages.seconds.values()):.1f} s")
+    if opts.report:
+        Path(opts.report).write_text(json.dumps(report, indent=2) + "\n")
+    return report

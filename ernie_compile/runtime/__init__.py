@@ -1,0 +1,9 @@
+"""The minimal runtime: TVM's runtime, numpy, safetensors and a tokenizer library. Never torch.
+
+    from ernie_compile.runtime import Session
+    s = Session("out/")
+    result = s.generate(s.tokenizer.encode("Hello"), max_new_tokens=16)
+"""
+from .session import GenerationResult, Sampler, Session
+
+__all__ = ["GenerationResult", "Sampler", "Session"]

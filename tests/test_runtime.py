@@ -1,0 +1,91 @@
+"""The runtime stands alone: no torch, no transformers, no compiler code; cross builds do not run here."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from conftest import PROMPT_IDS
+from ernie_compile.compiler.options import CompileOptions
+from ernie_compile.compiler.pipeline import compile_model
+from ernie_compile.errors import UserError
+
+# torch, transformers and our compiler made unimportable: `import torch` raises ImportError, as on a
+# machine where they are not installed (tvm_ffi imports torch opportunistically when it can).
+NO_TORCH = """
+import sys, json
+for name in ("torch", "transformers", "ernie_compile.compiler"):
+    sys.modules[name] = None
+from ernie_compile.runtime.cli import main
+code = main(sys.argv[1:])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers") and sys.modules[m] is not None)
+print(json.dumps({"loaded": loaded}))
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "art"
+    compile_model(CompileOptions(output=out, max_seq_len=64), log=lambda *_: None)  # the embedded default
+    return out
+
+
+def test_runtime_runs_without_torch(tiny):
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(tiny), "--prompt", "Return the value",
+                           "--max-new-tokens", "5", "--json", "--ignore-eos"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == {"loaded": []}
+    result = json.loads(lines[-2])
+    assert len(result["tokens"]) == 5 and isinstance(result["text"], str)
+
+
+def test_embedded_default_matches_eager(tiny):
+    """The default the README runs is itself checked against transformers."""
+    import torch
+
+    from ernie_compile.compiler.load import load_preset
+    from ernie_compile.runtime import Session
+
+    ref = load_preset("ernie-tiny").model
+    ref.set_attn_implementation("eager")
+    ref.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([PROMPT_IDS]), do_sample=False, max_new_tokens=16,
+                                min_new_tokens=16)[0, len(PROMPT_IDS):].tolist()
+    assert Session(tiny).generate(PROMPT_IDS, 16, stop_at_eos=False).tokens == expected
+
+
+def test_sampling_is_seeded_and_valid(tiny):
+    from ernie_compile.runtime import Sampler, Session
+
+    s = Session(tiny)
+    a = s.generate(PROMPT_IDS, 12, Sampler(temperature=0.8, top_p=0.9, seed=7), stop_at_eos=False).tokens
+    b = s.generate(PROMPT_IDS, 12, Sampler(temperature=0.8, top_p=0.9, seed=7), stop_at_eos=False).tokens
+    assert a == b and all(0 <= t < s.vocab_size for t in a)
+    with pytest.raises(UserError):
+        Sampler(top_p=0)
+
+
+def test_cross_build_aarch64_android(tmp_path):
+    """`--target cpu:TRIPLE` builds an aarch64 object archive; the runtime refuses to run it here."""
+    from ernie_compile.runtime import Session
+
+    out = tmp_path / "android"
+    compile_model(CompileOptions(output=out, target="cpu:aarch64-linux-android", max_seq_len=64),
+                  log=lambda *_: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["library"] == "lib.tar" and manifest["target"]["spec"] == "cpu:aarch64-linux-android"
+    with tarfile.open(out / "lib.tar") as tar:
+        objects = [m for m in tar.getmembers() if m.name.endswith(".o")]
+        assert objects
+        for m in objects:
+            head = tar.extractfile(m).read(20)
+            assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+    with pytest.raises(UserError, match="does not run on this machine"):
+        Session(out)
