@@ -27,16 +27,41 @@ DENSE_CONFIGS = {
                           use_bias=True),
 }
 
+# MoE configs over the issue's matrix: experts 4–16, k 1–6, shared experts 0/1/2, interval 1 and 2,
+# start index 0 and 1, and one case where e_score_correction_bias changes which experts win.
+_MOE_BASE = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)
+MOE_CONFIGS = {
+    "e4-k1-s0-i1-st0": dict(_MOE_BASE, moe_num_experts=4, moe_k=1, moe_num_shared_experts=0, num_hidden_layers=2,
+                            moe_layer_interval=1, moe_layer_start_index=0, moe_layer_end_index=1),
+    "e8-k2-s1-i2-st1": dict(_MOE_BASE, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, num_hidden_layers=4,
+                            moe_layer_interval=2, moe_layer_start_index=1, moe_layer_end_index=3),
+    "e16-k6-s2-i1-st1": dict(_MOE_BASE, moe_num_experts=16, moe_k=6, moe_num_shared_experts=2, num_hidden_layers=3,
+                             moe_layer_interval=1, moe_layer_start_index=1, moe_layer_end_index=2,
+                             tie_word_embeddings=False),
+    "e8-k3-bias": dict(_MOE_BASE, moe_num_experts=8, moe_k=3, moe_num_shared_experts=0, num_hidden_layers=2,
+                       moe_layer_interval=1, moe_layer_start_index=0, moe_layer_end_index=1),
+}
+# Per-expert correction bias for "e8-k3-bias": large enough to override the softmax ranking.
+CORRECTION_BIAS = [0.0, 0.0, 0.0, 0.6, 0.0, 0.0, 0.6, 0.0]
+
 PROMPT_IDS = [17, 300, 5, 981, 42, 42, 7, 640, 2, 11, 99]
 
 
-def make_checkpoint(folder: Path, overrides: dict, seed: int = 0) -> Path:
+def make_checkpoint(folder: Path, overrides: dict, seed: int = 0, moe: bool = False,
+                    correction_bias: list[float] | None = None) -> Path:
     """A save_pretrained folder with random weights and the shipped sentencepiece tokenizer."""
-    from transformers import Ernie4_5Config, Ernie4_5ForCausalLM
+    import transformers
 
-    config = Ernie4_5Config(max_position_embeddings=512, initializer_range=0.1, **overrides)
+    kind = "Ernie4_5_Moe" if moe else "Ernie4_5"
+    config = getattr(transformers, f"{kind}Config")(max_position_embeddings=512, initializer_range=0.1, **overrides)
     torch.manual_seed(seed)
-    model = Ernie4_5ForCausalLM(config).eval()
+    model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+    if correction_bias is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("e_score_correction_bias"):
+                    p.copy_(torch.tensor([correction_bias]))
     model.save_pretrained(folder)
     shutil.copyfile(ASSETS / "tokenizer.model", folder / "tokenizer.model")
     return folder
@@ -44,9 +69,9 @@ def make_checkpoint(folder: Path, overrides: dict, seed: int = 0) -> Path:
 
 def eager_model(folder: Path):
     """The oracle: transformers' own class, eager attention, fp32, never touched by ernie-compile."""
-    from transformers import Ernie4_5ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = Ernie4_5ForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     model.generation_config.eos_token_id = None  # compare full-length generations
     return model
 
@@ -69,3 +94,11 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
     return {name: make_checkpoint(root / name, cfg, seed=i) for i, (name, cfg) in enumerate(DENSE_CONFIGS.items())}
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe")
+    return {name: make_checkpoint(root / name, cfg, seed=10 + i, moe=True,
+                                  correction_bias=CORRECTION_BIAS if "bias" in name else None)
+            for i, (name, cfg) in enumerate(MOE_CONFIGS.items())}

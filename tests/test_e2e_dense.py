@@ -33,7 +33,7 @@ def compiled(request, checkpoints, tmp_path_factory):
 def test_pass_matched_every_layer(compiled):
     name, _, report = compiled
     layers = DENSE_CONFIGS[name]["num_hidden_layers"]
-    assert report["passes"]["route_attention_to_kv_cache"] == {"matched": layers, "expected": layers}
+    assert report["passes"]["fuse_gqa_attention"] == {"matched": layers, "expected": layers}
     assert "fuse_moe_routing" not in report["passes"]  # dense: the MoE pass does not apply
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InternalError
-from ..passes import all_passes
 
 
 class _Step(torch.nn.Module):
@@ -32,8 +31,8 @@ class _Step(torch.nn.Module):
 class Captured:
     prefill: torch.export.ExportedProgram
     decode: torch.export.ExportedProgram
-    # Weight names in the order the captured programs take them (transformers state-dict names).
-    param_names: list[str]
+    # graph input name → transformers state-dict name, for every lifted parameter
+    param_names: dict[str, str]
 
 
 def parameter_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
@@ -43,10 +42,10 @@ def parameter_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
             if s.kind.name == "PARAMETER"}
 
 
-def capture(model, max_seq_len: int) -> Captured:
-    for p in all_passes():
-        if p.expected_sites(model.config):
-            p.install(model).check()
+def capture(model, max_seq_len: int, passes: list) -> Captured:
+    """`passes` (passes.select_passes) first route the model's modules through our ops."""
+    for p in passes:
+        p.install(model).check()
     step = _Step(model).eval()
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
     ids = torch.zeros(1, 4, dtype=torch.int64)
@@ -55,7 +54,7 @@ def capture(model, max_seq_len: int) -> Captured:
         prefill = torch.export.export(step, (ids, pos), dynamic_shapes={"input_ids": {1: seq},
                                                                         "position_ids": {1: seq}})
         decode = torch.export.export(step, (ids[:, :1], pos[:, :1]))
-    names = [list(parameter_names(ep).values()) for ep in (prefill, decode)]
+    names = [parameter_names(ep) for ep in (prefill, decode)]
     if names[0] != names[1]:
         raise InternalError("prefill and decode captured different parameter lists")
     return Captured(prefill, decode, names[0])

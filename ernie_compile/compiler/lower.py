@@ -13,7 +13,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 from tvm.relax.frontend.torch import from_exported_program
 
 from ..errors import InternalError
-from ..passes import PassReport, all_passes
+from ..passes import PassReport
 from .capture import Captured
 
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
@@ -42,6 +42,16 @@ class LoweringContext:
     def __init__(self):
         self.kernels: dict[str, tuple[tvm.ir.GlobalVar, tirx.PrimFunc]] = {}
         self.kv_cache = None
+        self.concats: dict[str, tuple[relax.Var, list[relax.Var]]] = {}
+
+    def concat_params(self, name: str, parts: list[relax.Var]) -> relax.Var:
+        """A new weight input `name` = concat(parts, axis 0), computed once at package time instead
+        of at every step. The parts stop being inputs if nothing else uses them."""
+        rows = sum(int(p.ty.shape[0]) for p in parts)
+        rest = [parts[0].ty.shape[i] for i in range(1, len(parts[0].ty.shape))]
+        var = relax.Var(name, relax.TensorType([rows, *rest], parts[0].ty.dtype))
+        self.concats[name] = (var, parts)
+        return var
 
     def kernel(self, name: str, make) -> tvm.ir.GlobalVar:
         """The GlobalVar of kernel `name`, built by make() the first time. Name a kernel by its shapes."""
@@ -52,22 +62,40 @@ class LoweringContext:
         return self.kernels[name][0]
 
 
-def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: LoweringContext) -> relax.Function:
-    """One ExportedProgram → the Relax step function `name` (kernels it calls land in ctx)."""
+def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: LoweringContext,
+                 param_names: dict[str, str]) -> tuple[relax.Function, list[dict]]:
+    """One ExportedProgram → (the Relax step function `name`, the weights it takes, in order).
+
+    A weight is {"name": state-dict name} or, for a fused one, {"name": new name, "concat": [names]}.
+    Kernels the converters call land in ctx.
+    """
     kv_cache = ctx.kv_cache = relax.Var("paged_kv_cache", relax.ObjectType())
+    ctx.concats = {}
     convert_map = {p.OP_NAME: p.converter(r, ctx) for p, r in zip(passes, reports)}
     convert_map["select.int"] = _select_int
     mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
                                 custom_convert_map=convert_map)
     f = mod["main"]
     n_in = int(f.attrs["num_input"])
-    params = [*f.params[:n_in], kv_cache, *f.params[n_in:]]
+    used = {str(v) for v in relax.analysis.free_vars(f.body)}
+    weights, weight_vars = [], []
+    for v in f.params[n_in:]:
+        if str(v) in used:
+            weights.append({"name": param_names[str(v)]})
+            weight_vars.append(v)
+    for new_name, (var, parts) in ctx.concats.items():
+        weights.append({"name": new_name, "concat": [param_names[str(p)] for p in parts]})
+        weight_vars.append(var)
+    params = [*f.params[:n_in], kv_cache, *weight_vars]
     func = relax.Function(params, f.body, f.ret_ty, f.is_pure, f.attrs)
     # The importer attaches a copy of the weights as an attribute; the artifact carries them instead.
-    return func.without_attr("params").with_attrs({"num_input": n_in + 1, "global_symbol": name})
+    func = func.without_attr("params").with_attrs({"num_input": n_in + 1, "global_symbol": name})
+    return func, weights
 
 
-def _kv_cache_module(config, dtype: str, target: tvm.target.Target) -> tvm.IRModule:
+def _kv_cache_module(config, dtype: str, target: tvm.target.Target, rope_mode: str) -> tvm.IRModule:
+    """`create_kv`: TVM's paged KV cache with TIR kernels for `target`. rope_mode "normal": the cache
+    applies ERNIE's interleaved (GPT-J) RoPE to q/k itself; "none": the graph already did."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     class KVCache(nn.Module):
@@ -81,8 +109,9 @@ def _kv_cache_module(config, dtype: str, target: tvm.target.Target) -> tvm.IRMod
                 num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
                 num_key_value_heads=config.num_key_value_heads, qk_head_dim=head_dim, v_head_dim=head_dim,
                 mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-                rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=int(config.rope_parameters["rope_theta"]),
-                rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=head_dim,
+                rope_mode=RopeMode.NORMAL if rope_mode == "normal" else RopeMode.NONE, rope_scale=1,
+                rope_theta=float(config.rope_parameters["rope_theta"]),
+                rope_scaling={"rope_type": "gptj"}, rope_ext_factors=relax.prim_value(0), rotary_dim=head_dim,
                 enable_disaggregation=False, dtype=dtype, target=target)
 
     spec = {name: int for name in KV_CACHE_ARGS}
@@ -92,19 +121,26 @@ def _kv_cache_module(config, dtype: str, target: tvm.target.Target) -> tvm.IRMod
     return mod
 
 
-def lower(captured: Captured, config, target: tvm.target.Target, dtype: str = "float32"):
-    """Returns (IRModule, pass reports). Each pass must match its expected sites in each function."""
-    passes = [p for p in all_passes() if p.expected_sites(config)]
-    mod = _kv_cache_module(config, dtype, target)
+def lower(captured: Captured, config, target: tvm.target.Target, passes: list, dtype: str = "float32"):
+    """Returns (IRModule, pass reports, weights in the order the step functions take them).
+    Each pass must match its expected sites in each step function."""
+    rope_modes = {getattr(p, "ROPE_MODE") for p in passes if hasattr(p, "ROPE_MODE")}
+    if len(rope_modes) != 1:
+        raise InternalError(f"exactly one attention pass must run, got {[p.NAME for p in passes]}")
+    mod = _kv_cache_module(config, dtype, target, rope_modes.pop())
     ctx = LoweringContext()
+    step_weights = {}
     for name in ("prefill", "decode"):
         reports = [PassReport(p.NAME, expected=p.expected_sites(config)) for p in passes]
-        mod[name] = _import_step(getattr(captured, name), name, reports, passes, ctx)
+        mod[name], step_weights[name] = _import_step(getattr(captured, name), name, reports, passes, ctx,
+                                                     captured.param_names)
         for r in reports:
             try:
                 r.check()
             except InternalError as e:
                 raise InternalError(f"lowering {name}: {e}") from None
+    if step_weights["prefill"] != step_weights["decode"]:
+        raise InternalError("prefill and decode take different weights")
     for gv, func in ctx.kernels.values():
         mod[gv] = func
-    return mod, reports
+    return mod, reports, step_weights["decode"]

@@ -49,11 +49,17 @@ def staging(output: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_weights(state: dict, names: list[str], path: Path) -> None:
-    """Save the weights the library takes, each once, as float32 safetensors."""
+def write_weights(state: dict, weights: list[dict], path: Path) -> None:
+    """Save the weights the library takes, in its layout, as float32 safetensors. A fused weight
+    ({"name", "concat": [parts]}) is the row-wise concatenation of its transformers parts."""
+    import numpy as np
     from safetensors.numpy import save_file
 
-    arrays = {n: state[n].detach().contiguous().float().numpy() for n in dict.fromkeys(names)}
+    def array(name):
+        return state[name].detach().float().numpy()
+
+    arrays = {w["name"]: np.ascontiguousarray(np.concatenate([array(n) for n in w["concat"]]) if "concat" in w
+                                              else array(w["name"])) for w in weights}
     save_file(arrays, str(path))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import UserError
+from ..passes import select_passes
 from ..targets import get_target
 from . import package
 from .options import CompileOptions
@@ -78,8 +79,9 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
 
     from .capture import capture
 
+    passes = select_passes(config, fuse_attention=opts.fuse_attention)
     with stages("capture"):
-        captured = capture(loaded.model, opts.max_seq_len)
+        captured = capture(loaded.model, opts.max_seq_len, passes)
     if dump:
         for name in ("prefill", "decode"):
             (dump / f"2-capture.{name}.txt").write_text(str(getattr(captured, name).graph_module.code))
@@ -87,7 +89,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     from .lower import lower
 
     with stages("lower"):
-        mod, pass_reports = lower(captured, config, tvm_target)
+        mod, pass_reports, weights = lower(captured, config, tvm_target, passes)
     for r in pass_reports:
         log(f"  pass {r}")
     if dump:
@@ -98,7 +100,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             library = target.build(mod, tmp)
         with stages("package"):
             state = loaded.model.state_dict()
-            package.write_weights(state, captured.param_names, tmp / "weights.safetensors")
+            package.write_weights(state, weights, tmp / "weights.safetensors")
             tokenizer_files = package.copy_tokenizer(loaded.tokenizer_files, tmp)
             eos = config.eos_token_id
             manifest = {
@@ -113,7 +115,8 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 "dtype": "float32",
                 "library": library.name,
                 "functions": {"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
-                "weights": {"file": "weights.safetensors", "order": captured.param_names},
+                "weights": {"file": "weights.safetensors", "order": [w["name"] for w in weights],
+                            "fused": {w["name"]: w["concat"] for w in weights if "concat" in w}},
                 "kv_cache": {"max_seq_len": opts.max_seq_len, "page_size": PAGE_SIZE},
                 "vocab_size": config.vocab_size,
                 "tokenizer": {"files": tokenizer_files, "bos_token_id": config.bos_token_id,

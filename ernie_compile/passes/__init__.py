@@ -20,10 +20,12 @@ class PassReport:
         return f"{self.name}: {self.matched}/{self.expected}"
 
 
-def all_passes():
-    """The passes, in order. Each module has NAME, OP_NAME, expected_sites(config), install(model)
-    (capture side: route transformers' modules through our op) and converter(report, kv_cache)
-    (lower side: the op → Relax)."""
-    from . import fuse_moe_routing, route_attention_to_kv_cache
+def select_passes(config, fuse_attention: bool = True) -> list:
+    """The passes that apply to `config`, in order. Each pass module has NAME, OP_NAME,
+    expected_sites(config), install(model) (capture side: route transformers' modules through our
+    op) and converter(report, ctx) (lower side: our op → Relax). Attention takes exactly one of two
+    routes: fused (default), or the plain route kept as the unfused baseline for benchmarks."""
+    from . import fuse_gqa_attention, fuse_moe_routing, route_attention_to_kv_cache
 
-    return [route_attention_to_kv_cache, fuse_moe_routing]
+    attention = fuse_gqa_attention if fuse_attention else route_attention_to_kv_cache
+    return [p for p in (attention, fuse_moe_routing) if p.expected_sites(config)]

@@ -24,6 +24,7 @@ import torch
 from . import PassReport
 
 NAME = "route_attention_to_kv_cache"
+ROPE_MODE = "none"  # RoPE stays in the captured graph
 ATTN_IMPLEMENTATION = "ernie_kv_cache"
 OP_NAME = "kv_attention.default"  # how the importer names torch.ops.ernie.kv_attention
 

@@ -27,7 +27,7 @@ def test_export_keeps_one_op_per_layer():
 
     config = Ernie4_5Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    captured = capture(Ernie4_5ForCausalLM(config).eval(), max_seq_len=32)
+    captured = capture(Ernie4_5ForCausalLM(config).eval(), max_seq_len=32, passes=[pass_])
     for ep in (captured.prefill, captured.decode):
         ops = [n for n in ep.graph.nodes if n.op == "call_function" and n.target == torch.ops.ernie.kv_attention.default]
         assert [n.args[3] for n in ops] == [0, 1, 2]  # layer ids, in order
