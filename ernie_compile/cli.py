@@ -20,12 +20,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, help="context limit, prompt + new tokens "
                                                    "(default: 2048 or the model's limit if smaller)")
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    p.add_argument("--preset-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a preset's config field, e.g. num_hidden_layers=2 (benchmarks)")
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="keep q/k/v projections and RoPE unfused (a baseline for benchmarks)")
     p.add_argument("--dump-ir", type=Path, help="write each phase's IR into this folder")
     p.add_argument("--report", type=Path, help="write stage timings and pass counts as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
+
+
+def _override(text: str) -> tuple[str, int | float]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return key, (float(value) if "." in value or "e" in value else int(value))
+    except ValueError:
+        raise UserError(f"--preset-override {text!r}: expected KEY=NUMBER") from None
 
 
 def main(argv=None) -> int:
@@ -37,6 +49,7 @@ def main(argv=None) -> int:
         opts = CompileOptions(output=args.output, model=args.model, target=args.target,
                               max_seq_len=args.max_seq_len, seed=args.seed, dump_ir=args.dump_ir,
                               fuse_attention=not args.no_fuse_attention,
+                              preset_overrides=tuple(_override(o) for o in args.preset_override),
                               report=args.report)
         if args.quiet:
             import transformers

@@ -41,14 +41,19 @@ def _model_class(model_type: str | None):
     raise UserError(f"unknown model_type {model_type!r} in config.json; supported: {', '.join(sorted(SUPPORTED))}")
 
 
-def load_preset(name: str, seed: int = 0) -> LoadedModel:
-    """Build a preset with deterministic random weights (no download)."""
+def load_preset(name: str, seed: int = 0, overrides: dict | None = None) -> LoadedModel:
+    """Build a preset with deterministic random weights (no download). `overrides` change config
+    fields, e.g. fewer layers of the real shapes for a benchmark that must fit in memory."""
     import torch
     import transformers
 
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     spec = dict(PRESETS[name])
+    for key, value in (overrides or {}).items():
+        if key not in spec and key not in ("moe_num_experts", "moe_k", "moe_num_shared_experts"):
+            raise UserError(f"--preset-override {key}: not a field of preset {name}")
+        spec[key] = value
     cls = _model_class(spec["model_type"])
     config = transformers.AutoConfig.for_model(**spec)
     torch.manual_seed(seed)
@@ -98,8 +103,10 @@ def load_checkpoint(path: Path) -> LoadedModel:
     return LoadedModel(model.eval(), str(path), tok)
 
 
-def load(model: str | None, seed: int = 0) -> LoadedModel:
+def load(model: str | None, seed: int = 0, overrides: dict | None = None) -> LoadedModel:
     """A preset name, a folder, or None for the embedded default."""
     if model is None or model in PRESETS:
-        return load_preset(model or "ernie-tiny", seed)
+        return load_preset(model or "ernie-tiny", seed, overrides)
+    if overrides:
+        raise UserError("--preset-override applies to presets only, not to checkpoint folders")
     return load_checkpoint(Path(model))

@@ -12,6 +12,7 @@ class CompileOptions:
     target: str = "cpu"  # NAME[:LLVM_TRIPLE], see targets/
     max_seq_len: int | None = None  # context limit, prompt + new tokens; None: min(2048, the model's)
     seed: int = 0  # random weights of presets
+    preset_overrides: tuple[tuple[str, int | float], ...] = ()  # config fields changed in a preset
     fuse_attention: bool = True  # False: the unfused attention route, a baseline for benchmarks
     dump_ir: Path | None = None
     report: Path | None = None

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..passes import select_passes
 from ..targets import get_target
 from . import package
+from .inspect import count_kernels
 from .options import CompileOptions
 
 PAGE_SIZE = 16  # tokens per KV-cache page
@@ -68,7 +69,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     from .load import load
 
     with stages("load"):
-        loaded = load(opts.model, opts.seed)
+        loaded = load(opts.model, opts.seed, dict(opts.preset_overrides))
     config = loaded.model.config
     if opts.max_seq_len is None:
         opts = dataclasses.replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings))
@@ -90,6 +91,10 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
 
     with stages("lower"):
         mod, pass_reports, weights = lower(captured, config, tvm_target, passes)
+        mod, target_reports = target.passes(mod)
+        pass_reports += target_reports
+        kernels = count_kernels(mod, "decode")
+    log(f"  decode step: {kernels['tir']} TIR kernels, {kernels['builtin']} runtime builtin calls")
     for r in pass_reports:
         log(f"  pass {r}")
     if dump:
@@ -127,7 +132,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
 
     report = {"output": str(Path(opts.output).resolve()), "options": opts.as_dict(), "stages": stages.seconds,
-              "passes": manifest["passes"], "artifact_bytes": size}
+              "passes": manifest["passes"], "decode_kernels": kernels, "artifact_bytes": size}
     log(f"wrote {report['output']} ({size / 2**20:.1f} MiB) in {sum(stages.seconds.values()):.1f} s")
     if opts.report:
         Path(opts.report).write_text(json.dumps(report, indent=2) + "\n")

@@ -86,9 +86,13 @@ def install(model) -> PassReport:
 def group_gemm(num_experts: int, n: int, k: int, dtype: str):
     """y[i, :] = w[e] @ x[i, :] for the rows i in expert e's segment [indptr[e], indptr[e+1]).
 
-    x [M, K] rows sorted by expert, indptr [E+1], w [E, N, K] → y [M, N]. Empty segments cost nothing.
+    x [M, K] rows sorted by expert, indptr [E+1], w [E, N, K] → y [M, N]. Empty segments cost nothing,
+    so a step reads only the chosen experts' weights. Parallel over output columns, vector
+    accumulators over K (as targets/cpu_kernels.linear).
     """
     from tvm.script import tirx as T
+
+    vw = next(v for v in (16, 8, 4, 1) if k % v == 0)
 
     @T.prim_func(private=True)
     def moe_group_gemm(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"),
@@ -100,9 +104,15 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str):
         for e in range(num_experts):
             for j in T.parallel(n):
                 for i in T.serial(indptr[e], indptr[e + 1]):
+                    acc = T.decl_buffer((vw,), dtype, scope="local")
+                    for v in T.vectorized(vw):
+                        acc[v] = T.cast(0, dtype)
+                    for ko in range(k // vw):
+                        for v in T.vectorized(vw):
+                            acc[v] = acc[v] + x[i, ko * vw + v] * w[e, j, ko * vw + v]
                     y[i, j] = T.cast(0, dtype)
-                    for r in range(k):
-                        y[i, j] = y[i, j] + x[i, r] * w[e, j, r]
+                    for v in range(vw):
+                        y[i, j] = y[i, j] + acc[v]
 
     return moe_group_gemm
 

@@ -50,6 +50,14 @@ class CpuTarget:
         except Exception as e:  # TVM reports unknown triples as generic errors
             raise UserError(f"target {self.spec!r}: LLVM does not accept it ({str(e).splitlines()[0]})") from None
 
+    def passes(self, mod: tvm.IRModule):
+        """Target-specific Relax passes before the build: linears onto our scheduled kernels."""
+        from ..passes import lower_linear_to_kernel
+        from . import cpu_kernels
+
+        mod, report = lower_linear_to_kernel.run(mod, cpu_kernels.linear)
+        return mod, [report]
+
     def build(self, mod: tvm.IRModule, out_dir: Path) -> Path:
         """Compile with TVM's default CPU pipeline; write the library into out_dir."""
         target = self.tvm_target()

@@ -1,0 +1,60 @@
+"""Replace every linear layer (a matmul by a transposed weight input) with a target's own kernel.
+
+    before:  y = R.matmul(x, R.permute_dims(W))                       x [..., K], W [N, K] a weight input
+    after:   y = R.reshape(R.call_tir(kernel_NxK, (R.reshape(x, [M, K]), W)), [..., N])
+
+Runs on the Relax module before the target's build pipeline; the target supplies `kernel(n, k, dtype)`
+(targets/cpu_kernels.py for the CPU). Weight inputs are what the step functions take after their
+`num_input` runtime inputs, so activations × activations matmuls are never touched.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+from ..errors import InternalError
+from . import PassReport
+
+NAME = "lower_linear_to_kernel"
+
+
+def run(mod: tvm.IRModule, make_kernel, functions=("prefill", "decode")) -> tuple[tvm.IRModule, PassReport]:
+    report = PassReport(NAME)
+    counts = []
+    kernels: dict[tuple, tuple[tvm.ir.GlobalVar, object]] = {}
+    x_pat, w_pat = wildcard(), wildcard()
+    pattern = is_op("relax.matmul")(x_pat, is_op("relax.permute_dims")(w_pat))
+    mod = tvm.IRModule(dict(mod.functions_items()))
+    for name in functions:
+        func = mod[name]
+        weights = set(func.params[int(func.attrs["num_input"]):])
+        sites = [0]
+
+        def rewrite(expr, matches):
+            x, w = matches[x_pat], matches[w_pat]
+            if w not in weights or len(w.ty.shape) != 2 or x.ty.dtype != w.ty.dtype:
+                return expr
+            n, k = (int(d) for d in w.ty.shape)
+            key = (n, k, w.ty.dtype)
+            if key not in kernels:
+                prim = make_kernel(n, k, w.ty.dtype)
+                kernels[key] = (relax.BlockBuilder().add_func(prim, f"linear_{n}x{k}_{w.ty.dtype}"), prim)
+            lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
+            m = 1
+            for d in lead:
+                m = m * d
+            x2 = relax.op.reshape(x, [m, k])
+            y = relax.call_tir(kernels[key][0], [x2, w], relax.TensorType((m, n), w.ty.dtype))
+            sites[0] += 1
+            return relax.op.reshape(y, [*lead, n])
+
+        mod[name] = rewrite_call(pattern, rewrite, func)
+        counts.append(sites[0])
+    for gv, prim in kernels.values():
+        mod[gv] = prim
+    # per step function, like the other passes; every step has the same linears
+    if len(set(counts)) != 1:
+        raise InternalError(f"{NAME}: step functions matched different numbers of linears: {counts}")
+    report.matched = report.expected = counts[0]
+    return mod, report
