@@ -141,3 +141,11 @@ def test_real_processes_exit_2_without_traceback(tmp_path, artifact):
     (art / "manifest.json").write_text("{not json")
     proc = run_cli("ernie_compile.runtime.cli", str(art), "--prompt-ids", "1", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "corrupt manifest" in proc.stderr
+
+
+def test_preset_override_must_name_a_config_field(capsys, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["--model", "ernie-tiny", "--preset-override", "no_such_field=3", "-o", str(out), "-q"]) == 2
+    assert "not a field of preset ernie-tiny" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["--model", "ernie-tiny", "--preset-override", "num_hidden_layers", "-o", str(out), "-q"]) == 2
+    assert "expected KEY=NUMBER" in capsys.readouterr().err and not out.exists()

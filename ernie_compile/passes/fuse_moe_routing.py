@@ -101,8 +101,8 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str):
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), dtype)
         y = T.match_buffer(var_y, (m, n), dtype)
-        for e in range(num_experts):
-            for j in T.parallel(n):
+        for j in T.parallel(n):  # one parallel region for all experts; empty segments are skipped
+            for e in range(num_experts):
                 for i in T.serial(indptr[e], indptr[e + 1]):
                     acc = T.decl_buffer((vw,), dtype, scope="local")
                     for v in T.vectorized(vw):
