@@ -24,6 +24,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="change a preset's config field, e.g. num_hidden_layers=2 (benchmarks)")
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="keep q/k/v projections and RoPE unfused (a baseline for benchmarks)")
+    q = p.add_argument_group("weight quantization (group-wise, dequantized inside the kernels)")
+    q.add_argument("--bits", help="2, 3, 4 or 8 for every linear weight, or per category, e.g. "
+                                  "experts=2,attn=4,mlp=4,embed=8 (categories left out stay float32)")
+    q.add_argument("--embed-bits", type=int, help="bits of the embedding / lm_head (overrides --bits)")
+    q.add_argument("--group-size", type=int, default=32, help="values per scale (default 32)")
+    q.add_argument("--asymmetric", action="store_true", help="per-group offset instead of symmetric codes")
+    q.add_argument("--scale-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--dump-ir", type=Path, help="write each phase's IR into this folder")
     p.add_argument("--report", type=Path, help="write stage timings and pass counts as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -50,7 +57,9 @@ def main(argv=None) -> int:
                               max_seq_len=args.max_seq_len, seed=args.seed, dump_ir=args.dump_ir,
                               fuse_attention=not args.no_fuse_attention,
                               preset_overrides=tuple(_override(o) for o in args.preset_override),
-                              report=args.report)
+                              report=args.report, bits=args.bits, embed_bits=args.embed_bits,
+                              group_size=args.group_size, symmetric=not args.asymmetric,
+                              scale_dtype=args.scale_dtype)
         if args.quiet:
             import transformers
 

@@ -49,18 +49,36 @@ def staging(output: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_weights(state: dict, weights: list[dict], path: Path) -> None:
-    """Save the weights the library takes, in its layout, as float32 safetensors. A fused weight
-    ({"name", "concat": [parts]}) is the row-wise concatenation of its transformers parts."""
+def write_weights(state: dict, weights: list[dict], path: Path) -> tuple[list[str], dict[str, float]]:
+    """Save the weights the library takes, in its layout, as safetensors; return the tensor names in
+    the order the step functions take them, and each quantized weight's relative reconstruction
+    error ‖W − dequant(quant(W))‖ / ‖W‖. A fused weight ({"concat": [names]}) is the row-wise
+    concatenation of its transformers parts; a quantized one ({"quant": spec, "parts": [...]}) is
+    stored as its packed codes, scales and offsets (compiler/quantize.py)."""
     import numpy as np
     from safetensors.numpy import save_file
+
+    from .quantize import QuantSpec, dequantize, quantize
 
     def array(name):
         return state[name].detach().float().numpy()
 
-    arrays = {w["name"]: np.ascontiguousarray(np.concatenate([array(n) for n in w["concat"]]) if "concat" in w
-                                              else array(w["name"])) for w in weights}
+    arrays, order, errors = {}, [], {}
+    for w in weights:
+        value = np.concatenate([array(n) for n in w["concat"]]) if "concat" in w else array(w["name"])
+        if "quant" in w:
+            spec = QuantSpec(**w["quant"])
+            packed = quantize(value, spec)
+            diff = dequantize(packed, spec, value.shape[-1]) - value
+            errors[w["name"]] = float(np.linalg.norm(diff) / max(np.linalg.norm(value), 1e-30))
+            for part_name, key in zip(w["parts"], ("qweight", "qscale", "qmin")):
+                arrays[part_name] = np.ascontiguousarray(packed[key])
+                order.append(part_name)
+        else:
+            arrays[w["name"]] = np.ascontiguousarray(value)
+            order.append(w["name"])
     save_file(arrays, str(path))
+    return order, errors
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

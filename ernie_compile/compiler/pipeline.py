@@ -18,13 +18,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from ..errors import UserError
-from ..passes import select_passes
+from ..passes import quantize_weights, select_passes
 from ..targets import get_target
 from . import package
 from .inspect import count_kernels
 from .options import CompileOptions
+from .quantize import QuantPolicy
 
 PAGE_SIZE = 16  # tokens per KV-cache page
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -54,10 +57,35 @@ def _versions() -> dict:
             "tvm": tvm.__version__}
 
 
+def _accuracy(model, folder: Path, config, target, recon_errors: dict) -> dict:
+    """Quantized vs float: KL and top-1 on a fixed prompt set (compiler/accuracy.py), per-weight error."""
+    from .accuracy import measure
+
+    result = {"weight_rel_error": recon_errors}
+    if target.runnable_here:
+        result.update(measure(model, folder, config.vocab_size))
+    else:
+        result["note"] = f"KL / top-1 not measured: a {target.spec} artifact does not run on this machine"
+    return result
+
+
+def _log_accuracy(acc: dict, log) -> None:
+    errs = acc["weight_rel_error"]
+    worst = max(errs, key=errs.get) if errs else None
+    line = f"  accuracy vs float: weight error mean {np.mean(list(errs.values())):.4f}"
+    if worst:
+        line += f", worst {errs[worst]:.4f} ({worst})"
+    if "kl_mean" in acc:
+        line += (f"; KL mean {acc['kl_mean']:.5f} max {acc['kl_max']:.5f}, "
+                 f"top-1 agreement {100 * acc['top1_agreement']:.1f}%")
+    log(line)
+
+
 def compile_model(opts: CompileOptions, log=print) -> dict:
     """Compile per `opts`; returns the report (also written to opts.report). Raises UserError."""
     target = get_target(opts.target)
     tvm_target = target.tvm_target()
+    policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
     if opts.max_seq_len is not None and opts.max_seq_len < 2:
         raise UserError(f"--max-seq-len {opts.max_seq_len}: must be at least 2")
     package.check_output(opts.output)
@@ -91,6 +119,9 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
 
     with stages("lower"):
         mod, pass_reports, weights = lower(captured, config, tvm_target, passes)
+        if policy:
+            mod, weights, qreport = quantize_weights.run(mod, weights, policy)
+            pass_reports.append(qreport)
         mod, target_reports = target.passes(mod)
         pass_reports += target_reports
         kernels = count_kernels(mod, "decode")
@@ -105,7 +136,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
             library = target.build(mod, tmp)
         with stages("package"):
             state = loaded.model.state_dict()
-            package.write_weights(state, weights, tmp / "weights.safetensors")
+            order, recon_errors = package.write_weights(state, weights, tmp / "weights.safetensors")
             tokenizer_files = package.copy_tokenizer(loaded.tokenizer_files, tmp)
             eos = config.eos_token_id
             manifest = {
@@ -120,8 +151,10 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 "dtype": "float32",
                 "library": library.name,
                 "functions": {"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
-                "weights": {"file": "weights.safetensors", "order": [w["name"] for w in weights],
-                            "fused": {w["name"]: w["concat"] for w in weights if "concat" in w}},
+                "weights": {"file": "weights.safetensors", "order": order,
+                            "fused": {w["name"]: w["concat"] for w in weights if "concat" in w},
+                            "quantized": {w["name"]: w["quant"] for w in weights if "quant" in w}},
+                "quantization": policy.as_dict() if policy else None,
                 "kv_cache": {"max_seq_len": opts.max_seq_len, "page_size": PAGE_SIZE},
                 "vocab_size": config.vocab_size,
                 "tokenizer": {"files": tokenizer_files, "bos_token_id": config.bos_token_id,
@@ -129,10 +162,16 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 "passes": {r.name: {"matched": r.matched, "expected": r.expected} for r in pass_reports},
             }
             package.write_manifest(tmp, manifest)
+        if policy:
+            with stages("accuracy"):
+                manifest["accuracy"] = _accuracy(loaded.model, tmp, config, target, recon_errors)
+                package.write_manifest(tmp, manifest)
+            _log_accuracy(manifest["accuracy"], log)
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
 
     report = {"output": str(Path(opts.output).resolve()), "options": opts.as_dict(), "stages": stages.seconds,
-              "passes": manifest["passes"], "decode_kernels": kernels, "artifact_bytes": size}
+              "passes": manifest["passes"], "decode_kernels": kernels, "artifact_bytes": size,
+              "accuracy": manifest.get("accuracy")}
     log(f"wrote {report['output']} ({size / 2**20:.1f} MiB) in {sum(stages.seconds.values()):.1f} s")
     if opts.report:
         Path(opts.report).write_text(json.dumps(report, indent=2) + "\n")

@@ -97,7 +97,7 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str):
     @T.prim_func(private=True)
     def moe_group_gemm(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"),
                        w: T.Buffer((num_experts, n, k), dtype), var_y: T.handle):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})  # opaque: never fused into
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), dtype)
         y = T.match_buffer(var_y, (m, n), dtype)
@@ -115,6 +115,51 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str):
                         y[i, j] = y[i, j] + acc[v]
 
     return moe_group_gemm
+
+
+def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32"):
+    """group_gemm over quantized expert weights (compiler/quantize.py layout, per expert and row):
+    each (column, expert) task dequantizes its weight row once into a stack buffer and reuses it
+    for the expert's rows. Experts with empty segments are neither read nor dequantized."""
+    from tvm.script import tirx as T
+
+    from ..targets.cpu_kernels import vector_width
+
+    bits, per, group = spec.bits, spec.per_word, spec.group_size
+    words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
+    vw = vector_width(k)
+
+    @T.prim_func(private=True)
+    def moe_group_gemm_q(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"),
+                         qw: T.Buffer((num_experts, n, words), "uint32"), qs: T.Buffer((num_experts, n, groups), sdt),
+                         qm: T.Buffer((num_experts, n, groups), sdt), var_y: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})  # opaque: never fused into
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), dtype)
+        y = T.match_buffer(var_y, (m, n), dtype)
+        for j in T.parallel(n):
+            row = T.decl_buffer((words * per,), dtype, scope="local")
+            for e in range(num_experts):
+                if indptr[e + 1] > indptr[e]:
+                    for wi in range(words):
+                        for v in T.vectorized(per):
+                            row[wi * per + v] = (
+                                T.cast(T.bitwise_and(T.shift_right(qw[e, j, wi], T.cast(v * bits, "uint32")),
+                                                     T.uint32((1 << bits) - 1)), dtype)
+                                * T.cast(qs[e, j, T.min((wi * per + v) // group, groups - 1)], dtype)
+                                + T.cast(qm[e, j, T.min((wi * per + v) // group, groups - 1)], dtype))
+                    for i in T.serial(indptr[e], indptr[e + 1]):
+                        acc = T.decl_buffer((vw,), dtype, scope="local")
+                        for v in T.vectorized(vw):
+                            acc[v] = T.cast(0, dtype)
+                        for ko in range(k // vw):
+                            for v in T.vectorized(vw):
+                                acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
+                        y[i, j] = T.cast(0, dtype)
+                        for v in range(vw):
+                            y[i, j] = y[i, j] + acc[v]
+
+    return moe_group_gemm_q
 
 
 def converter(report: PassReport, ctx):

@@ -24,7 +24,7 @@ def linear(n: int, k: int, dtype: str = "float32"):
 
     @T.prim_func(private=True)
     def cpu_linear(var_x: T.handle, w: T.Buffer((n, k), dtype), var_y: T.handle):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})  # opaque: never fused into
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), dtype)
         y = T.match_buffer(var_y, (m, n), dtype)
@@ -59,3 +59,66 @@ def linear(n: int, k: int, dtype: str = "float32"):
                         y[i, jo * jb + jj] = y[i, jo * jb + jj] + acc1[jj, v]
 
     return cpu_linear
+
+
+def _code(qw, j, word, v, bits: int, dtype: str):
+    """The v-th code of packed word qw[j, word], as a float."""
+    return T.cast(T.bitwise_and(T.shift_right(qw[j, word], T.cast(v * bits, "uint32")),
+                                T.uint32((1 << bits) - 1)), dtype)
+
+
+def linear_q(n: int, k: int, spec, dtype: str = "float32"):
+    """y[M, N] = x[M, K] · dequant(W)ᵀ with W stored as packed codes + group scales/offsets
+    (compiler/quantize.py). Each task dequantizes one weight row into a stack buffer (vectorised
+    per packed word) and reuses it for all M rows of x: no full-precision weight matrix exists."""
+    bits, per, group = spec.bits, spec.per_word, spec.group_size
+    words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
+    vw = vector_width(k)
+    kv = k // vw
+
+    @T.prim_func(private=True)
+    def cpu_linear_q(var_x: T.handle, qw: T.Buffer((n, words), "uint32"), qs: T.Buffer((n, groups), sdt),
+                     qm: T.Buffer((n, groups), sdt), var_y: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})  # opaque: never fused into
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), dtype)
+        y = T.match_buffer(var_y, (m, n), dtype)
+        for j in T.parallel(n):
+            row = T.decl_buffer((words * per,), dtype, scope="local")
+            for wi in range(words):
+                for v in T.vectorized(per):
+                    row[wi * per + v] = (_code(qw, j, wi, v, bits, dtype)
+                                         * T.cast(qs[j, T.min((wi * per + v) // group, groups - 1)], dtype)
+                                         + T.cast(qm[j, T.min((wi * per + v) // group, groups - 1)], dtype))
+            for i in range(m):
+                acc = T.decl_buffer((vw,), dtype, scope="local")
+                for v in T.vectorized(vw):
+                    acc[v] = T.cast(0, dtype)
+                for ko in range(kv):
+                    for v in T.vectorized(vw):
+                        acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
+                y[i, j] = T.cast(0, dtype)
+                for v in range(vw):
+                    y[i, j] = y[i, j] + acc[v]
+
+    return cpu_linear_q
+
+
+def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
+    """Embedding lookup from a quantized table: out[T, D] = dequant(W[ids[t]])."""
+    bits, per, group = spec.bits, spec.per_word, spec.group_size
+    words, groups, sdt = spec.words(dim), dim // spec.group_size, spec.scale_dtype
+
+    @T.prim_func(private=True)
+    def cpu_take_q(var_ids: T.handle, qw: T.Buffer((vocab, words), "uint32"), qs: T.Buffer((vocab, groups), sdt),
+                   qm: T.Buffer((vocab, groups), sdt), var_out: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})  # opaque: never fused into
+        t = T.int64()
+        ids = T.match_buffer(var_ids, (t,), "int64")
+        out = T.match_buffer(var_out, (t, dim), dtype)
+        for i in range(t):
+            for c in range(dim):
+                out[i, c] = (_code(qw, ids[i], c // per, c % per, bits, dtype) * T.cast(qs[ids[i], c // group], dtype)
+                             + T.cast(qm[ids[i], c // group], dtype))
+
+    return cpu_take_q

@@ -1,0 +1,166 @@
+"""Quantize weights group-wise and fuse their dequantization into the kernels that read them.
+
+For every weight input the policy quantizes (compiler/quantize.py), the input W becomes three inputs
+(packed codes, group scales, group offsets) and each reader of W becomes a kernel that dequantizes
+as it goes:
+
+    before:  y = R.matmul(x, R.permute_dims(W))       e = R.take(W, ids, axis=0)       R.call_tir(moe_group_gemm, (x, ptr, W))
+    after:   y = call_tir(linear_q, (x, Wq, Ws, Wm))   e = call_tir(take_q, (ids, Wq, Ws, Wm))   call_tir(moe_group_gemm_q, (x, ptr, Wq, Ws, Wm))
+
+Any other reader left after the rewrite is an error: no full-precision copy of a quantized weight
+may exist at run time. The weight list gains {"quant": spec, "parts": [...]} so the packager writes
+the quantized tensors in the layout the kernels take.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..compiler.quantize import QuantPolicy, QuantSpec
+from ..errors import InternalError
+from . import PassReport
+
+NAME = "quantize_weights"
+PARTS = ("qweight", "qscale", "qmin")
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, quantized: dict, kernels):
+        super().__init__(mod)
+        self.quantized = quantized  # weight Var → (spec, (qw, qs, qm) Vars)
+        self.kernels = kernels
+        self.sites = 0
+
+    def _kernel(self, name: str, make):
+        return self.kernels(name, make)
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        op = call.op
+        if not isinstance(op, tvm.ir.Op):
+            return call
+        if op.name == "relax.matmul":
+            return self._linear(call)
+        if op.name == "relax.take":
+            return self._take(call)
+        if op.name == "relax.call_tir":
+            return self._group_gemm(call)
+        return call
+
+    def _weight(self, expr):
+        return self.quantized.get(expr) if isinstance(expr, relax.Var) else None
+
+    def _linear(self, call):
+        x, wt = call.args
+        bound = self.lookup_binding(wt) if isinstance(wt, relax.Var) else wt
+        if not (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op)
+                and bound.op.name == "relax.permute_dims"):
+            return call
+        entry = self._weight(bound.args[0])
+        if entry is None:
+            return call
+        spec, parts = entry
+        from ..targets import cpu_kernels
+
+        n, k = (int(d) for d in bound.args[0].ty.shape)
+        gv = self._kernel(f"linear_q{spec.bits}g{spec.group_size}_{n}x{k}", lambda: cpu_kernels.linear_q(n, k, spec))
+        lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
+        m = 1
+        for d in lead:
+            m = m * d
+        y = relax.call_tir(gv, [self.builder_.emit(relax.op.reshape(x, [m, k])), *parts],
+                           relax.TensorType((m, n), x.ty.dtype))
+        self.sites += 1
+        return relax.op.reshape(self.builder_.emit(y), [*lead, n])
+
+    def _take(self, call):
+        entry = self._weight(call.args[0])
+        if entry is None:
+            return call
+        spec, parts = entry
+        from ..targets import cpu_kernels
+
+        vocab, dim = (int(d) for d in call.args[0].ty.shape)
+        ids = call.args[1]
+        shape = [ids.ty.shape[i] for i in range(len(ids.ty.shape))]
+        t = 1
+        for d in shape:
+            t = t * d
+        flat = self.builder_.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [t]))
+        gv = self._kernel(f"take_q{spec.bits}g{spec.group_size}_{vocab}x{dim}",
+                          lambda: cpu_kernels.take_q(vocab, dim, spec))
+        out = self.builder_.emit(relax.call_tir(gv, [flat, *parts], relax.TensorType((t, dim), "float32")))
+        self.sites += 1
+        return relax.op.reshape(out, [*shape, dim])
+
+    def _group_gemm(self, call):
+        callee, args = call.args[0], call.args[1]
+        if not (isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint.startswith("moe_group_gemm")):
+            return call
+        x, indptr, w = args.fields
+        entry = self._weight(w)
+        if entry is None:
+            return call
+        spec, parts = entry
+        from .fuse_moe_routing import group_gemm_q
+
+        e, n, k = (int(d) for d in w.ty.shape)
+        gv = self._kernel(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}",
+                          lambda: group_gemm_q(e, n, k, spec))
+        self.sites += 1
+        return relax.call_tir(gv, [x, indptr, *parts], call.ty)
+
+
+def _part_vars(name: str, w: relax.Var, spec: QuantSpec):
+    shape = [int(d) for d in w.ty.shape]
+    *lead, k = shape
+    return (relax.Var(f"{name}.qweight", relax.TensorType([*lead, spec.words(k)], "uint32")),
+            relax.Var(f"{name}.qscale", relax.TensorType([*lead, k // spec.group_size], spec.scale_dtype)),
+            relax.Var(f"{name}.qmin", relax.TensorType([*lead, k // spec.group_size], spec.scale_dtype)))
+
+
+def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy,
+        functions=("prefill", "decode")) -> tuple[tvm.IRModule, list[dict], PassReport]:
+    """Returns the module, the new weight list (aligned with the step functions' weight inputs), and
+    the report: matched = readers rewritten per step function, expected = readers of those weights."""
+    report = PassReport(NAME)
+    kernels: dict[str, tuple] = {}
+
+    def kernel(name, make):
+        if name not in kernels:
+            prim = make()
+            kernels[name] = (relax.BlockBuilder().add_func(prim, name), prim)
+        return kernels[name][0]
+
+    mod = tvm.IRModule(dict(mod.functions_items()))
+    new_weights = None
+    for fname in functions:
+        func = mod[fname]
+        n_in = int(func.attrs["num_input"])
+        quantized, params, step_weights = {}, list(func.params[:n_in]), []
+        for var, w in zip(func.params[n_in:], weights):
+            spec = policy.spec_for(w["name"], int(var.ty.shape[-1])) if len(var.ty.shape) >= 2 else None
+            if spec is None:
+                params.append(var)
+                step_weights.append(w)
+                continue
+            parts = _part_vars(w["name"], var, spec)
+            quantized[var] = (spec, parts)
+            params.extend(parts)
+            step_weights.append({**w, "quant": spec.as_dict(), "parts": [str(p) for p in parts]})
+        rewriter = _Rewriter(mod, quantized, kernel)
+        body = rewriter.visit_expr(func.body)
+        new_func = relax.analysis.remove_all_unused(relax.Function(params, body, func.ret_ty, func.is_pure,
+                                                                   func.attrs))
+        still = {str(v) for v in relax.analysis.free_vars(new_func.body)} & {str(v) for v in quantized}
+        if still:
+            raise InternalError(f"{NAME}: {fname} still reads float weights {sorted(still)[:3]}")
+        mod[fname] = new_func
+        if new_weights is not None and new_weights != step_weights:
+            raise InternalError(f"{NAME}: step functions disagree on the weight list")
+        new_weights = step_weights
+        report.matched = report.expected = rewriter.sites
+    for gv, prim in kernels.values():
+        mod[gv] = prim
+    return mod, new_weights, report
