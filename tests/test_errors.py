@@ -149,3 +149,13 @@ def test_preset_override_must_name_a_config_field(capsys, tmp_path):
     assert "not a field of preset ernie-tiny" in capsys.readouterr().err and not out.exists()
     assert cli.main(["--model", "ernie-tiny", "--preset-override", "num_hidden_layers", "-o", str(out), "-q"]) == 2
     assert "expected KEY=NUMBER" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("flags,match", [(["--bits", "5"], "is not one of 2, 3, 4, 8"),
+                                         (["--bits", "moe=4"], "unknown category 'moe'"),
+                                         (["--bits", "4", "--group-size", "48"], "must be a power of two")])
+def test_bad_quantization_flags(capsys, tmp_path, flags, match):
+    out = tmp_path / "out"
+    assert cli.main(["-o", str(out), "-q", *flags]) == USER_ERROR_EXIT
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1 and not out.exists()

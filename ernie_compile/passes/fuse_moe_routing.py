@@ -128,6 +128,7 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32")
     bits, per, group = spec.bits, spec.per_word, spec.group_size
     words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
     vw = vector_width(k)
+    aligned = group % per == 0
 
     @T.prim_func(private=True)
     def moe_group_gemm_q(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"),
@@ -141,13 +142,24 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32")
             row = T.decl_buffer((words * per,), dtype, scope="local")
             for e in range(num_experts):
                 if indptr[e + 1] > indptr[e]:
-                    for wi in range(words):
-                        for v in T.vectorized(per):
-                            row[wi * per + v] = (
-                                T.cast(T.bitwise_and(T.shift_right(qw[e, j, wi], T.cast(v * bits, "uint32")),
-                                                     T.uint32((1 << bits) - 1)), dtype)
-                                * T.cast(qs[e, j, T.min((wi * per + v) // group, groups - 1)], dtype)
-                                + T.cast(qm[e, j, T.min((wi * per + v) // group, groups - 1)], dtype))
+                    if aligned:  # whole words per group: one broadcast scale/offset per group
+                        for g in range(groups):
+                            scale = T.cast(qs[e, j, g], dtype)
+                            offset = T.cast(qm[e, j, g], dtype)
+                            for wg in range(group // per):
+                                for v in T.vectorized(per):
+                                    row[g * group + wg * per + v] = (
+                                        T.cast(T.bitwise_and(T.shift_right(qw[e, j, g * (group // per) + wg],
+                                                                           T.cast(v * bits, "uint32")),
+                                                             T.uint32((1 << bits) - 1)), dtype) * scale + offset)
+                    else:
+                        for wi in range(words):
+                            for v in T.vectorized(per):
+                                row[wi * per + v] = (
+                                    T.cast(T.bitwise_and(T.shift_right(qw[e, j, wi], T.cast(v * bits, "uint32")),
+                                                         T.uint32((1 << bits) - 1)), dtype)
+                                    * T.cast(qs[e, j, T.min((wi * per + v) // group, groups - 1)], dtype)
+                                    + T.cast(qm[e, j, T.min((wi * per + v) // group, groups - 1)], dtype))
                     for i in T.serial(indptr[e], indptr[e + 1]):
                         acc = T.decl_buffer((vw,), dtype, scope="local")
                         for v in T.vectorized(vw):

@@ -75,6 +75,7 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32"):
     words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
     vw = vector_width(k)
     kv = k // vw
+    aligned = group % per == 0
 
     @T.prim_func(private=True)
     def cpu_linear_q(var_x: T.handle, qw: T.Buffer((n, words), "uint32"), qs: T.Buffer((n, groups), sdt),
@@ -85,11 +86,20 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32"):
         y = T.match_buffer(var_y, (m, n), dtype)
         for j in T.parallel(n):
             row = T.decl_buffer((words * per,), dtype, scope="local")
-            for wi in range(words):
-                for v in T.vectorized(per):
-                    row[wi * per + v] = (_code(qw, j, wi, v, bits, dtype)
-                                         * T.cast(qs[j, T.min((wi * per + v) // group, groups - 1)], dtype)
-                                         + T.cast(qm[j, T.min((wi * per + v) // group, groups - 1)], dtype))
+            if aligned:  # whole words per group: one broadcast scale/offset per group
+                for g in range(groups):
+                    scale = T.cast(qs[j, g], dtype)
+                    offset = T.cast(qm[j, g], dtype)
+                    for wg in range(group // per):
+                        for v in T.vectorized(per):
+                            row[g * group + wg * per + v] = (_code(qw, j, g * (group // per) + wg, v, bits, dtype)
+                                                             * scale + offset)
+            else:  # 3-bit: groups straddle words
+                for wi in range(words):
+                    for v in T.vectorized(per):
+                        row[wi * per + v] = (_code(qw, j, wi, v, bits, dtype)
+                                             * T.cast(qs[j, T.min((wi * per + v) // group, groups - 1)], dtype)
+                                             + T.cast(qm[j, T.min((wi * per + v) // group, groups - 1)], dtype))
             for i in range(m):
                 acc = T.decl_buffer((vw,), dtype, scope="local")
                 for v in T.vectorized(vw):

@@ -1,0 +1,121 @@
+"""Quantized decode on the CPU: tok/s per bit width and group size, bytes per token, the memory
+bandwidth bound, runtime peak RSS, against transformers eager (fp32) and llama.cpp Q4_0 on the
+same random weights when its peer script is available (../shared/tools/llamacpp_peer.sh).
+
+    python bench/bench_quant.py                               # 0.3b preset: fp32, 8-bit, 4-bit g32/64/128
+    python bench/bench_quant.py --configs 4:32 --llamacpp     # + llama.cpp Q4_0 (builds it once, ~5 min)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ernie_compile.compiler.load import ASSETS, load_preset  # noqa: E402
+from ernie_compile.compiler.options import CompileOptions  # noqa: E402
+from ernie_compile.compiler.pipeline import compile_model  # noqa: E402
+
+RUN = """
+import json, resource, statistics, sys
+sys.path.insert(0, {root!r})
+from ernie_compile.runtime import Session
+s = Session({folder!r})
+prompt = {prompt!r}
+pre, dec = [], []
+for _ in range({reps} + 1):
+    r = s.generate(prompt, {decode} + 1, stop_at_eos=False)
+    pre.append(r.prefill_tok_s); dec.append(r.decode_tok_s)
+print(json.dumps({{"prefill_tok_s": statistics.median(pre[1:]), "decode_tok_s": statistics.median(dec[1:]),
+                  "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def read_bandwidth_gbs() -> float:
+    """Read bandwidth with torch's 2-thread reduction over 1 GiB (median of 5)."""
+    x = torch.ones(2**28, dtype=torch.float32)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / float(np.median(times[1:])) / 1e9
+
+
+def decode_weight_bytes(folder: Path) -> int:
+    """Bytes of weights a decode step reads: the whole weight file (the embedding rows it skips are
+    offset by the tied lm_head reading that table in full)."""
+    return (folder / "weights.safetensors").stat().st_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="ernie-4.5-0.3b")
+    ap.add_argument("--configs", nargs="+", default=["float", "8:32", "4:32", "4:64", "4:128"],
+                    help="float or BITS:GROUP")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--llamacpp", action="store_true", help="also run llama.cpp Q4_0 on the same weights")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    prompt = [int(x) for x in np.random.default_rng(0).integers(3, 1000, args.prompt)]
+    bandwidth = read_bandwidth_gbs()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in args.configs:
+            bits, group = (None, 32) if cfg == "float" else map(int, cfg.split(":"))
+            out = Path(tmp) / cfg.replace(":", "g")
+            report = compile_model(CompileOptions(output=out, model=args.preset, max_seq_len=512,
+                                                  bits=str(bits) if bits else None, group_size=group),
+                                   log=lambda *_: None)
+            manifest = json.loads((out / "manifest.json").read_text())
+            run = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), folder=str(out), prompt=prompt,
+                                                                   reps=args.reps, decode=args.decode)],
+                                 capture_output=True, text=True, check=True)
+            speed = json.loads(run.stdout.strip().splitlines()[-1])
+            nbytes = decode_weight_bytes(out)
+            bound = bandwidth * 1e9 / nbytes
+            acc = manifest.get("accuracy") or {}
+            rows.append({"config": cfg, "weights_MiB": nbytes / 2**20, **speed,
+                         "bound_tok_s": bound, "of_bound": speed["decode_tok_s"] / bound,
+                         "compile_s": sum(report["stages"].values()),
+                         "kl_mean": acc.get("kl_mean"), "top1": acc.get("top1_agreement")})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if args.llamacpp:
+            hf = Path(tmp) / "hf"
+            load_preset(args.preset).model.save_pretrained(hf)
+            shutil.copyfile(ASSETS / "tokenizer.model", hf / "tokenizer.model")
+            peer = subprocess.run(["bash", str(ROOT.parent / "shared" / "tools" / "llamacpp_peer.sh"), str(hf), "Q4_0",
+                                   "2", str(args.prompt), str(args.decode)], capture_output=True, text=True)
+            if peer.returncode == 0:
+                p = json.loads(peer.stdout.strip().splitlines()[-1])
+                rows.append({"config": "llama.cpp Q4_0", "weights_MiB": p["size_bytes"] / 2**20,
+                             "prefill_tok_s": p["prefill_tok_s_median"], "decode_tok_s": p["decode_tok_s_median"],
+                             "bound_tok_s": bandwidth * 1e9 / p["size_bytes"]})
+                rows[-1]["of_bound"] = rows[-1]["decode_tok_s"] / rows[-1]["bound_tok_s"]
+            else:
+                print(f"llama.cpp peer failed: {peer.stderr[-500:]}", file=sys.stderr)
+    print(f"\n{args.preset}, 2 threads, read bandwidth {bandwidth:.1f} GB/s (torch sum over 1 GiB); "
+          f"prompt {args.prompt}, decode {args.decode}, medians of {args.reps}\n")
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r.get(c):.3g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                for c in cols) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
