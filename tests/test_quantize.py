@@ -22,12 +22,57 @@ REL_TOL = 1e-4
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("k", [64, 37])  # a row that does not fill its last word
-def test_pack_unpack_roundtrip(bits, k):
+@pytest.mark.parametrize("k,layout", [(64, "row"), (37, "row"), (480, "lanes16")])  # 37: a partial last word
+def test_pack_unpack_roundtrip(bits, k, layout):
+    if layout == "lanes16":
+        k = 16 * (32 // bits) * 3
     codes = np.random.default_rng(bits).integers(0, 1 << bits, (3, 5, k)).astype(np.uint32)
-    packed = pack(codes, bits)
+    packed = pack(codes, bits, layout)
     assert packed.dtype == np.uint32 and packed.shape == (3, 5, -(-k // (32 // bits)))
-    np.testing.assert_array_equal(unpack(packed, bits, k), codes)
+    np.testing.assert_array_equal(unpack(packed, bits, k, layout), codes)
+
+
+def test_lanes16_puts_16_consecutive_elements_in_one_slot_of_16_words():
+    codes = np.arange(128, dtype=np.uint32) % 16  # 4-bit, one block of 16 words
+    words = pack(codes[None], 4, "lanes16")[0]
+    for slot in range(8):
+        np.testing.assert_array_equal((words >> (4 * slot)) & 15, codes[16 * slot:16 * slot + 16])
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k", [96, 640])  # row layout; lanes16 for every bit width (640 = 16·40)
+def test_kernels_match_numpy_dequant(bits, k):
+    """linear_q, take_q and the quantized MoE group GEMM compute with exactly dequantize(W)."""
+    import tvm
+
+    from ernie_compile.passes.fuse_moe_routing import group_gemm_q
+    from ernie_compile.targets.cpu_kernels import linear_q, take_q
+
+    spec = QuantPolicy.parse(str(bits), symmetric=False).spec_for("model.layers.0.mlp.up_proj.weight", k)
+    assert spec.layout == ("lanes16" if k == 640 and k % (16 * spec.per_word) == 0 else "row")
+    rng = np.random.default_rng(bits)
+    n, m, experts = 12, 5, 3
+    w = rng.standard_normal((experts, n, k)).astype(np.float32)
+    parts = quantize(w, spec)
+    wd = dequantize(parts, spec, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+
+    def run(prim, *args, out_shape):
+        lib = tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}), target="llvm")
+        out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+        lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+        return out.numpy()
+
+    q0 = [np.ascontiguousarray(parts[p][0]) for p in ("qweight", "qscale", "qmin")]
+    np.testing.assert_allclose(run(linear_q(n, k, spec), x, *q0, out_shape=(m, n)), x @ wd[0].T, rtol=1e-4, atol=1e-4)
+    ids = np.array([3, 0, 11, 3], np.int64)
+    np.testing.assert_array_equal(run(take_q(n, k, spec), ids, *q0, out_shape=(4, k)), wd[0][ids])
+    indptr = np.array([0, 2, 2, m], np.int64)  # expert 1 gets no rows
+    expert_of = [0, 0, 2, 2, 2]
+    ref = np.stack([wd[e] @ x[i] for i, e in enumerate(expert_of)])
+    got = run(group_gemm_q(experts, n, k, spec), x, indptr, parts["qweight"], parts["qscale"], parts["qmin"],
+              out_shape=(m, n))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -91,6 +136,17 @@ def test_dense_artifact_matches_fake_quant_eager(bits, checkpoints, tmp_path):
     # every linear (qkv, o, gate, up, down per layer), the tied lm_head and the embedding lookup
     assert report["passes"]["quantize_weights"]["matched"] == 5 * layers + 2
     _check_artifact(tmp_path / "q", fake_quant(eager_model(checkpoints[name]), policy))
+
+
+def test_lanes16_dense_artifact_matches_fake_quant_eager(checkpoints, tmp_path):
+    """hidden 128 and intermediate 256: the 4-bit weights take the lanes16 layout."""
+    name = "mqa-untied"
+    compile_model(CompileOptions(output=tmp_path / "q", model=str(checkpoints[name]), max_seq_len=64, bits="4"),
+                  log=lambda *_: None)
+    layouts = {q["layout"] for q in json.loads((tmp_path / "q" / "manifest.json").read_text())["weights"]
+               ["quantized"].values()}
+    assert layouts == {"lanes16"}
+    _check_artifact(tmp_path / "q", fake_quant(eager_model(checkpoints[name]), QuantPolicy.parse("4")))
 
 
 def test_moe_mixed_policy_matches_fake_quant_eager(moe_checkpoints, tmp_path):

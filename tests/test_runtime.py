@@ -89,3 +89,13 @@ def test_cross_build_aarch64_android(tmp_path):
             assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
     with pytest.raises(UserError, match="does not run on this machine"):
         Session(out)
+
+
+def test_ids_beyond_the_tokenizer_decode_to_a_mark(tiny):
+    """Model vocabularies are padded past the tokenizer's (ERNIE: 103424 vs its tokenizer); presets
+    with random weights generate such ids. Text shows a mark instead of failing."""
+    from ernie_compile.runtime.tokenizer import UNKNOWN, Tokenizer
+
+    tok = Tokenizer(tiny, {"files": ["tokenizer.model"]})
+    assert tok.decode([tok.size + 5]) == UNKNOWN
+    assert tok.decode(tok.encode("Return") + [tok.size]) == "Return" + UNKNOWN

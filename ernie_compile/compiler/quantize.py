@@ -6,6 +6,12 @@ offset m, and each value an unsigned code q in [0, 2^b − 1]:  W ≈ q · s + m
 - asymmetric: m = min(W), s = (max(W) − min(W)) / (2^b − 1)
 Codes are packed little-end-first into uint32 words, ⌊32 / b⌋ per word (8 → 4, 4 → 8, 3 → 10, 2 → 16),
 row by row; a row is padded to whole words. Scales and offsets are stored as `scale_dtype`.
+
+Layouts of a row's words:
+- "row": word w holds elements w·P … w·P + P − 1 (P = codes per word).
+- "lanes16": rows whose length is a multiple of 16·P are cut into blocks of 16 words; word l of
+  block b holds elements b·16P + p·16 + l for p = 0 … P − 1. One 16-lane vector load of a block and
+  one shift by p·b then yields 16 *consecutive* elements: SIMD dequantization without gathers.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import numpy as np
 from ..errors import UserError
 
 BITS = (2, 3, 4, 8)
+LANES = 16  # SIMD lanes of the "lanes16" layout
 CATEGORIES = ("attn", "mlp", "experts", "embed")
 
 
@@ -26,6 +33,7 @@ class QuantSpec:
     group_size: int
     symmetric: bool = True
     scale_dtype: str = "float16"
+    layout: str = "row"  # or "lanes16"
 
     @property
     def per_word(self) -> int:
@@ -36,7 +44,7 @@ class QuantSpec:
 
     def as_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "scale_dtype": self.scale_dtype}
+                "scale_dtype": self.scale_dtype, "layout": self.layout}
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,9 @@ class QuantPolicy:
         group = self.group_size
         while k % group:  # the largest power of two ≤ group_size dividing K
             group //= 2
-        return QuantSpec(bits, group, self.symmetric, self.scale_dtype)
+        per = 32 // bits
+        lanes = k % (LANES * per) == 0 and group % LANES == 0
+        return QuantSpec(bits, group, self.symmetric, self.scale_dtype, "lanes16" if lanes else "row")
 
     def as_dict(self) -> dict:
         return {"bits": dict(self.bits), "group_size": self.group_size, "symmetric": self.symmetric,
@@ -130,12 +140,22 @@ def quantize(w: np.ndarray, spec: QuantSpec) -> dict[str, np.ndarray]:
         scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(spec.scale_dtype).astype(np.float64)
         offset = lo.astype(spec.scale_dtype).astype(np.float64)
     codes = np.clip(np.rint((grouped - offset[..., None]) / scale[..., None]), 0, top).astype(np.uint32)
-    return {"qweight": pack(codes.reshape(*lead, k), spec.bits),
+    return {"qweight": pack(codes.reshape(*lead, k), spec.bits, spec.layout),
             "qscale": scale.astype(spec.scale_dtype), "qmin": offset.astype(spec.scale_dtype)}
 
 
-def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+def _lanes16(codes: np.ndarray, per: int, inverse: bool = False) -> np.ndarray:
+    """Reorder a row's elements into (inverse: out of) "lanes16" packing order."""
+    *lead, k = codes.shape
+    if inverse:
+        return codes.reshape(*lead, k // (LANES * per), LANES, per).swapaxes(-1, -2).reshape(*lead, k)
+    return codes.reshape(*lead, k // (LANES * per), per, LANES).swapaxes(-1, -2).reshape(*lead, k)
+
+
+def pack(codes: np.ndarray, bits: int, layout: str = "row") -> np.ndarray:
     per = 32 // bits
+    if layout == "lanes16":
+        codes = _lanes16(codes, per)
     *lead, k = codes.shape
     words = -(-k // per)
     padded = np.zeros((*lead, words * per), np.uint32)
@@ -145,16 +165,17 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(padded << shifts, axis=-1).astype(np.uint32)
 
 
-def unpack(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
+def unpack(packed: np.ndarray, bits: int, k: int, layout: str = "row") -> np.ndarray:
     per = 32 // bits
     shifts = np.arange(per, dtype=np.uint32) * bits
     codes = (packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :k]
+    codes = codes.reshape(*packed.shape[:-1], -1)[..., :k]
+    return _lanes16(codes, per, inverse=True) if layout == "lanes16" else codes
 
 
 def dequantize(parts: dict[str, np.ndarray], spec: QuantSpec, k: int) -> np.ndarray:
     """The float32 weight the kernels compute with: q · s + m, group by group."""
-    codes = unpack(parts["qweight"], spec.bits, k).astype(np.float32)
+    codes = unpack(parts["qweight"], spec.bits, k, spec.layout).astype(np.float32)
     *lead, _ = codes.shape
     g = spec.group_size
     codes = codes.reshape(*lead, k // g, g)

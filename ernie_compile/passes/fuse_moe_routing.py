@@ -129,6 +129,7 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32")
     words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
     vw = vector_width(k)
     aligned = group % per == 0
+    lanes16 = spec.layout == "lanes16"
 
     @T.prim_func(private=True)
     def moe_group_gemm_q(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"),
@@ -142,7 +143,16 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32")
             row = T.decl_buffer((words * per,), dtype, scope="local")
             for e in range(num_experts):
                 if indptr[e + 1] > indptr[e]:
-                    if aligned:  # whole words per group: one broadcast scale/offset per group
+                    if lanes16:  # see compiler/quantize.py: 16 consecutive elements per shift
+                        for b in range(k // (16 * per)):
+                            for p in T.unroll(per):
+                                for v in T.vectorized(16):  # scales inline: a Let here is reloaded from memory
+                                    row[b * 16 * per + p * 16 + v] = (
+                                        T.cast(T.bitwise_and(T.shift_right(qw[e, j, b * 16 + v], T.uint32(p * bits)),
+                                                             T.uint32((1 << bits) - 1)), dtype)
+                                        * T.cast(qs[e, j, (b * 16 * per + p * 16) // group], dtype)
+                                        + T.cast(qm[e, j, (b * 16 * per + p * 16) // group], dtype))
+                    elif aligned:  # whole words per group: one broadcast scale/offset per group
                         for g in range(groups):
                             scale = T.cast(qs[e, j, g], dtype)
                             offset = T.cast(qm[e, j, g], dtype)

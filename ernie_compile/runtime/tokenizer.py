@@ -5,6 +5,8 @@ from pathlib import Path
 
 from ..errors import UserError
 
+UNKNOWN = " ⁇ "
+
 
 class Tokenizer:
     def __init__(self, folder: Path, info: dict):
@@ -16,12 +18,14 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
             self._encode = lambda text: tok.encode(text, add_special_tokens=False).ids
             self._decode = lambda ids: tok.decode(ids)
+            self.size = tok.get_vocab_size()
         elif "tokenizer.model" in files:
             import sentencepiece as spm
 
             sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
             self._encode = sp.encode
             self._decode = sp.decode
+            self.size = sp.vocab_size()
         else:
             self._encode = None
 
@@ -35,4 +39,19 @@ class Tokenizer:
         return list(self._encode(text))
 
     def decode(self, ids: list[int]) -> str:
-        return self._decode(list(ids)) if self.available else ""
+        """Text of `ids`. Ids the tokenizer does not know (a model vocabulary padded past the
+        tokenizer's, or a preset with random weights) show as sentencepiece's unknown mark."""
+        if not self.available:
+            return ""
+        text, run = [], []
+        for i in ids:
+            if 0 <= i < self.size:
+                run.append(i)
+                continue
+            if run:
+                text.append(self._decode(run))
+                run = []
+            text.append(UNKNOWN)
+        if run:
+            text.append(self._decode(run))
+        return "".join(text)

@@ -67,6 +67,15 @@ def _code(qw, j, word, v, bits: int, dtype: str):
                                 T.uint32((1 << bits) - 1)), dtype)
 
 
+def _word_and_slot(c, spec):
+    """Where element c of a row lives: (word, slot in the word), per the spec's layout."""
+    per = spec.per_word
+    if spec.layout == "lanes16":
+        block, rest = c // (16 * per), c % (16 * per)
+        return block * 16 + rest % 16, rest // 16
+    return c // per, c % per
+
+
 def linear_q(n: int, k: int, spec, dtype: str = "float32"):
     """y[M, N] = x[M, K] · dequant(W)ᵀ with W stored as packed codes + group scales/offsets
     (compiler/quantize.py). Each task dequantizes one weight row into a stack buffer (vectorised
@@ -76,6 +85,11 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32"):
     vw = vector_width(k)
     kv = k // vw
     aligned = group % per == 0
+    lanes16 = spec.layout == "lanes16"
+    rows_per_task = next(r for r in (16, 8, 4, 2, 1) if n % r == 0)
+
+    def J(jo, jj):  # the weight row; an expression, not a Let (a Let here is reloaded from memory)
+        return jo * rows_per_task + jj
 
     @T.prim_func(private=True)
     def cpu_linear_q(var_x: T.handle, qw: T.Buffer((n, words), "uint32"), qs: T.Buffer((n, groups), sdt),
@@ -84,32 +98,42 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32"):
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), dtype)
         y = T.match_buffer(var_y, (m, n), dtype)
-        for j in T.parallel(n):
+        for jo in T.parallel(n // rows_per_task):
+            # one row buffer per task, not per row: buffers over 1 KiB are heap workspace allocations
             row = T.decl_buffer((words * per,), dtype, scope="local")
-            if aligned:  # whole words per group: one broadcast scale/offset per group
-                for g in range(groups):
-                    scale = T.cast(qs[j, g], dtype)
-                    offset = T.cast(qm[j, g], dtype)
-                    for wg in range(group // per):
+            for jj in range(rows_per_task):
+                if lanes16:  # 16-lane loads of a word block, one shift per slot: consecutive elements
+                    for b in range(k // (16 * per)):
+                        for p in T.unroll(per):
+                            for v in T.vectorized(16):
+                                row[b * 16 * per + p * 16 + v] = (
+                                    _code(qw, J(jo, jj), b * 16 + v, p, bits, dtype)
+                                    * T.cast(qs[J(jo, jj), (b * 16 * per + p * 16) // group], dtype)
+                                    + T.cast(qm[J(jo, jj), (b * 16 * per + p * 16) // group], dtype))
+                elif aligned:  # whole words per group: one broadcast scale/offset per group
+                    for g in range(groups):
+                        scale = T.cast(qs[J(jo, jj), g], dtype)
+                        offset = T.cast(qm[J(jo, jj), g], dtype)
+                        for wg in range(group // per):
+                            for v in T.vectorized(per):
+                                row[g * group + wg * per + v] = (_code(qw, J(jo, jj), g * (group // per) + wg, v, bits, dtype)
+                                                                 * scale + offset)
+                else:  # 3-bit: groups straddle words
+                    for wi in range(words):
                         for v in T.vectorized(per):
-                            row[g * group + wg * per + v] = (_code(qw, j, g * (group // per) + wg, v, bits, dtype)
-                                                             * scale + offset)
-            else:  # 3-bit: groups straddle words
-                for wi in range(words):
-                    for v in T.vectorized(per):
-                        row[wi * per + v] = (_code(qw, j, wi, v, bits, dtype)
-                                             * T.cast(qs[j, T.min((wi * per + v) // group, groups - 1)], dtype)
-                                             + T.cast(qm[j, T.min((wi * per + v) // group, groups - 1)], dtype))
-            for i in range(m):
-                acc = T.decl_buffer((vw,), dtype, scope="local")
-                for v in T.vectorized(vw):
-                    acc[v] = T.cast(0, dtype)
-                for ko in range(kv):
+                            row[wi * per + v] = (_code(qw, J(jo, jj), wi, v, bits, dtype)
+                                                 * T.cast(qs[J(jo, jj), T.min((wi * per + v) // group, groups - 1)], dtype)
+                                                 + T.cast(qm[J(jo, jj), T.min((wi * per + v) // group, groups - 1)], dtype))
+                for i in range(m):
+                    acc = T.decl_buffer((vw,), dtype, scope="local")
                     for v in T.vectorized(vw):
-                        acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
-                y[i, j] = T.cast(0, dtype)
-                for v in range(vw):
-                    y[i, j] = y[i, j] + acc[v]
+                        acc[v] = T.cast(0, dtype)
+                    for ko in range(kv):
+                        for v in T.vectorized(vw):
+                            acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
+                    y[i, J(jo, jj)] = T.cast(0, dtype)
+                    for v in range(vw):
+                        y[i, J(jo, jj)] = y[i, J(jo, jj)] + acc[v]
 
     return cpu_linear_q
 
@@ -128,7 +152,7 @@ def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
         out = T.match_buffer(var_out, (t, dim), dtype)
         for i in range(t):
             for c in range(dim):
-                out[i, c] = (_code(qw, ids[i], c // per, c % per, bits, dtype) * T.cast(qs[ids[i], c // group], dtype)
-                             + T.cast(qm[ids[i], c // group], dtype))
+                out[i, c] = (_code(qw, ids[i], _word_and_slot(c, spec)[0], _word_and_slot(c, spec)[1], bits, dtype)
+                             * T.cast(qs[ids[i], c // group], dtype) + T.cast(qm[ids[i], c // group], dtype))
 
     return cpu_take_q
