@@ -76,7 +76,9 @@ class Session:
         self.device = tvm.runtime.device(m["target"]["device"], 0)
         self._vm = VirtualMachine(tvm.runtime.load_module(str(self.folder / m["library"])), self.device)
         weights = load_file(str(self.folder / m["weights"]["file"]))
-        self._weights = [tvm.runtime.tensor(weights[name], self.device) for name in m["weights"]["order"]]
+        # pop as we go: the host copy of each tensor is dropped once the device copy exists
+        self._weights = [tvm.runtime.tensor(weights.pop(name), self.device) for name in m["weights"]["order"]]
+        del weights
         self._prefill = self._vm[m["functions"]["prefill"]]
         self._decode = self._vm[m["functions"]["decode"]]
         self._create_kv = self._vm[m["functions"]["create_kv"]]
