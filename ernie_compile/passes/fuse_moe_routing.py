@@ -139,47 +139,66 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32")
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), dtype)
         y = T.match_buffer(var_y, (m, n), dtype)
-        for j in T.parallel(n):
-            row = T.decl_buffer((words * per,), dtype, scope="local")
-            for e in range(num_experts):
-                if indptr[e + 1] > indptr[e]:
-                    if lanes16:  # see compiler/quantize.py: 16 consecutive elements per shift
+        if lanes16:  # dequantize in registers straight into each row's dot product (no row buffer)
+            for j in T.parallel(n):
+                for e in range(num_experts):
+                    for i in T.serial(indptr[e], indptr[e + 1]):
+                        acc = T.decl_buffer((16,), dtype, scope="local")
+                        for v in T.vectorized(16):
+                            acc[v] = T.cast(0, dtype)
                         for b in range(k // (16 * per)):
                             for p in T.unroll(per):
-                                for v in T.vectorized(16):  # scales inline: a Let here is reloaded from memory
-                                    row[b * 16 * per + p * 16 + v] = (
+                                for v in T.vectorized(16):
+                                    acc[v] = acc[v] + x[i, b * 16 * per + p * 16 + v] * (
                                         T.cast(T.bitwise_and(T.shift_right(qw[e, j, b * 16 + v], T.uint32(p * bits)),
                                                              T.uint32((1 << bits) - 1)), dtype)
                                         * T.cast(qs[e, j, (b * 16 * per + p * 16) // group], dtype)
                                         + T.cast(qm[e, j, (b * 16 * per + p * 16) // group], dtype))
-                    elif aligned:  # whole words per group: one broadcast scale/offset per group
-                        for g in range(groups):
-                            scale = T.cast(qs[e, j, g], dtype)
-                            offset = T.cast(qm[e, j, g], dtype)
-                            for wg in range(group // per):
-                                for v in T.vectorized(per):
-                                    row[g * group + wg * per + v] = (
-                                        T.cast(T.bitwise_and(T.shift_right(qw[e, j, g * (group // per) + wg],
-                                                                           T.cast(v * bits, "uint32")),
-                                                             T.uint32((1 << bits) - 1)), dtype) * scale + offset)
-                    else:
-                        for wi in range(words):
-                            for v in T.vectorized(per):
-                                row[wi * per + v] = (
-                                    T.cast(T.bitwise_and(T.shift_right(qw[e, j, wi], T.cast(v * bits, "uint32")),
-                                                         T.uint32((1 << bits) - 1)), dtype)
-                                    * T.cast(qs[e, j, T.min((wi * per + v) // group, groups - 1)], dtype)
-                                    + T.cast(qm[e, j, T.min((wi * per + v) // group, groups - 1)], dtype))
-                    for i in T.serial(indptr[e], indptr[e + 1]):
-                        acc = T.decl_buffer((vw,), dtype, scope="local")
-                        for v in T.vectorized(vw):
-                            acc[v] = T.cast(0, dtype)
-                        for ko in range(k // vw):
-                            for v in T.vectorized(vw):
-                                acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
                         y[i, j] = T.cast(0, dtype)
-                        for v in range(vw):
+                        for v in range(16):
                             y[i, j] = y[i, j] + acc[v]
+        else:
+            for j in T.parallel(n):
+                row = T.decl_buffer((words * per,), dtype, scope="local")
+                for e in range(num_experts):
+                    if indptr[e + 1] > indptr[e]:
+                        if lanes16:  # see compiler/quantize.py: 16 consecutive elements per shift
+                            for b in range(k // (16 * per)):
+                                for p in T.unroll(per):
+                                    for v in T.vectorized(16):  # scales inline: a Let here is reloaded from memory
+                                        row[b * 16 * per + p * 16 + v] = (
+                                            T.cast(T.bitwise_and(T.shift_right(qw[e, j, b * 16 + v], T.uint32(p * bits)),
+                                                                 T.uint32((1 << bits) - 1)), dtype)
+                                            * T.cast(qs[e, j, (b * 16 * per + p * 16) // group], dtype)
+                                            + T.cast(qm[e, j, (b * 16 * per + p * 16) // group], dtype))
+                        elif aligned:  # whole words per group: one broadcast scale/offset per group
+                            for g in range(groups):
+                                scale = T.cast(qs[e, j, g], dtype)
+                                offset = T.cast(qm[e, j, g], dtype)
+                                for wg in range(group // per):
+                                    for v in T.vectorized(per):
+                                        row[g * group + wg * per + v] = (
+                                            T.cast(T.bitwise_and(T.shift_right(qw[e, j, g * (group // per) + wg],
+                                                                               T.cast(v * bits, "uint32")),
+                                                                 T.uint32((1 << bits) - 1)), dtype) * scale + offset)
+                        else:
+                            for wi in range(words):
+                                for v in T.vectorized(per):
+                                    row[wi * per + v] = (
+                                        T.cast(T.bitwise_and(T.shift_right(qw[e, j, wi], T.cast(v * bits, "uint32")),
+                                                             T.uint32((1 << bits) - 1)), dtype)
+                                        * T.cast(qs[e, j, T.min((wi * per + v) // group, groups - 1)], dtype)
+                                        + T.cast(qm[e, j, T.min((wi * per + v) // group, groups - 1)], dtype))
+                        for i in T.serial(indptr[e], indptr[e + 1]):
+                            acc = T.decl_buffer((vw,), dtype, scope="local")
+                            for v in T.vectorized(vw):
+                                acc[v] = T.cast(0, dtype)
+                            for ko in range(k // vw):
+                                for v in T.vectorized(vw):
+                                    acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
+                            y[i, j] = T.cast(0, dtype)
+                            for v in range(vw):
+                                y[i, j] = y[i, j] + acc[v]
 
     return moe_group_gemm_q
 

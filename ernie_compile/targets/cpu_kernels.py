@@ -98,42 +98,58 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32"):
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), dtype)
         y = T.match_buffer(var_y, (m, n), dtype)
-        for jo in T.parallel(n // rows_per_task):
-            # one row buffer per task, not per row: buffers over 1 KiB are heap workspace allocations
-            row = T.decl_buffer((words * per,), dtype, scope="local")
-            for jj in range(rows_per_task):
-                if lanes16:  # 16-lane loads of a word block, one shift per slot: consecutive elements
+        if lanes16 and m == 1:  # decode: dequantize in registers, straight into the dot product
+            for jo in T.parallel(n // rows_per_task):
+                for jj in range(rows_per_task):
+                    acc = T.decl_buffer((16,), dtype, scope="local")
+                    for v in T.vectorized(16):
+                        acc[v] = T.cast(0, dtype)
                     for b in range(k // (16 * per)):
                         for p in T.unroll(per):
                             for v in T.vectorized(16):
-                                row[b * 16 * per + p * 16 + v] = (
+                                acc[v] = acc[v] + x[0, b * 16 * per + p * 16 + v] * (
                                     _code(qw, J(jo, jj), b * 16 + v, p, bits, dtype)
                                     * T.cast(qs[J(jo, jj), (b * 16 * per + p * 16) // group], dtype)
                                     + T.cast(qm[J(jo, jj), (b * 16 * per + p * 16) // group], dtype))
-                elif aligned:  # whole words per group: one broadcast scale/offset per group
-                    for g in range(groups):
-                        scale = T.cast(qs[J(jo, jj), g], dtype)
-                        offset = T.cast(qm[J(jo, jj), g], dtype)
-                        for wg in range(group // per):
+                    y[0, J(jo, jj)] = T.cast(0, dtype)
+                    for v in range(16):
+                        y[0, J(jo, jj)] = y[0, J(jo, jj)] + acc[v]
+        else:  # prefill (and row layouts): dequantize each weight row once, reuse it for all M rows
+            for jo in T.parallel(n // rows_per_task):
+                # one row buffer per task, not per row: buffers over 1 KiB are heap workspace allocations
+                row = T.decl_buffer((words * per,), dtype, scope="local")
+                for jj in range(rows_per_task):
+                    if lanes16:  # 16-lane loads of a word block, one shift per slot: consecutive elements
+                        for b in range(k // (16 * per)):
+                            for p in T.unroll(per):
+                                for v in T.vectorized(16):
+                                    row[b * 16 * per + p * 16 + v] = (
+                                        _code(qw, J(jo, jj), b * 16 + v, p, bits, dtype)
+                                        * T.cast(qs[J(jo, jj), (b * 16 * per + p * 16) // group], dtype)
+                                        + T.cast(qm[J(jo, jj), (b * 16 * per + p * 16) // group], dtype))
+                    elif aligned:  # whole words per group: one broadcast scale/offset per group
+                        for g in range(groups):
+                            for wg in range(group // per):
+                                for v in T.vectorized(per):
+                                    row[g * group + wg * per + v] = (
+                                        _code(qw, J(jo, jj), g * (group // per) + wg, v, bits, dtype)
+                                        * T.cast(qs[J(jo, jj), g], dtype) + T.cast(qm[J(jo, jj), g], dtype))
+                    else:  # 3-bit: groups straddle words
+                        for wi in range(words):
                             for v in T.vectorized(per):
-                                row[g * group + wg * per + v] = (_code(qw, J(jo, jj), g * (group // per) + wg, v, bits, dtype)
-                                                                 * scale + offset)
-                else:  # 3-bit: groups straddle words
-                    for wi in range(words):
-                        for v in T.vectorized(per):
-                            row[wi * per + v] = (_code(qw, J(jo, jj), wi, v, bits, dtype)
-                                                 * T.cast(qs[J(jo, jj), T.min((wi * per + v) // group, groups - 1)], dtype)
-                                                 + T.cast(qm[J(jo, jj), T.min((wi * per + v) // group, groups - 1)], dtype))
-                for i in range(m):
-                    acc = T.decl_buffer((vw,), dtype, scope="local")
-                    for v in T.vectorized(vw):
-                        acc[v] = T.cast(0, dtype)
-                    for ko in range(kv):
+                                row[wi * per + v] = (_code(qw, J(jo, jj), wi, v, bits, dtype)
+                                                     * T.cast(qs[J(jo, jj), T.min((wi * per + v) // group, groups - 1)], dtype)
+                                                     + T.cast(qm[J(jo, jj), T.min((wi * per + v) // group, groups - 1)], dtype))
+                    for i in range(m):
+                        acc = T.decl_buffer((vw,), dtype, scope="local")
                         for v in T.vectorized(vw):
-                            acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
-                    y[i, J(jo, jj)] = T.cast(0, dtype)
-                    for v in range(vw):
-                        y[i, J(jo, jj)] = y[i, J(jo, jj)] + acc[v]
+                            acc[v] = T.cast(0, dtype)
+                        for ko in range(kv):
+                            for v in T.vectorized(vw):
+                                acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
+                        y[i, J(jo, jj)] = T.cast(0, dtype)
+                        for v in range(vw):
+                            y[i, J(jo, jj)] = y[i, J(jo, jj)] + acc[v]
 
     return cpu_linear_q
 
