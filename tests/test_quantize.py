@@ -45,8 +45,7 @@ def test_kernels_match_numpy_dequant(bits, k):
     """linear_q, take_q and the quantized MoE group GEMM compute with exactly dequantize(W)."""
     import tvm
 
-    from ernie_compile.passes.fuse_moe_routing import group_gemm_q
-    from ernie_compile.targets.cpu_kernels import linear_q, take_q
+    from ernie_compile.targets.cpu_kernels import group_gemm_q, linear_q, take_q
 
     spec = QuantPolicy.parse(str(bits), symmetric=False).spec_for("model.layers.0.mlp.up_proj.weight", k)
     assert spec.layout == ("lanes16" if k == 640 and k % (16 * spec.per_word) == 0 else "row")

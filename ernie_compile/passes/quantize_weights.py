@@ -103,7 +103,7 @@ class _Rewriter(relax.PyExprMutator):
         if entry is None:
             return call
         spec, parts = entry
-        from .fuse_moe_routing import group_gemm_q
+        from ..targets.cpu_kernels import group_gemm_q
 
         e, n, k = (int(d) for d in w.ty.shape)
         gv = self._kernel(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}",

@@ -1,4 +1,5 @@
-"""Hand-scheduled TIR kernels for the CPU target (LLVM).
+"""Hand-scheduled TIR kernels for the CPU target (LLVM): linear layers, quantized linears and
+embedding lookups, and the MoE grouped GEMMs (float and quantized).
 
 TVM's default CPU pipeline leaves legalized matmuls unscheduled: one thread, scalar loops (a 0.3B
 prefill of 32 tokens took ~50 s). These kernels parallelise over output rows and keep vector
@@ -172,3 +173,117 @@ def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
                              * T.cast(qs[ids[i], c // group], dtype) + T.cast(qm[ids[i], c // group], dtype))
 
     return cpu_take_q
+
+
+def group_gemm(num_experts: int, n: int, k: int, dtype: str):
+    """y[i, :] = w[e] @ x[i, :] for the rows i in expert e's segment [indptr[e], indptr[e+1]).
+
+    x [M, K] rows sorted by expert, indptr [E+1], w [E, N, K] → y [M, N]. Empty segments cost nothing,
+    so a step reads only the chosen experts' weights. Parallel over output columns, vector
+    accumulators over K (as targets/cpu_kernels.linear).
+    """
+    vw = vector_width(k)
+
+    @T.prim_func(private=True)
+    def moe_group_gemm(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"),
+                       w: T.Buffer((num_experts, n, k), dtype), var_y: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})  # opaque: never fused into
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), dtype)
+        y = T.match_buffer(var_y, (m, n), dtype)
+        for j in T.parallel(n):  # one parallel region for all experts; empty segments are skipped
+            for e in range(num_experts):
+                for i in T.serial(indptr[e], indptr[e + 1]):
+                    acc = T.decl_buffer((vw,), dtype, scope="local")
+                    for v in T.vectorized(vw):
+                        acc[v] = T.cast(0, dtype)
+                    for ko in range(k // vw):
+                        for v in T.vectorized(vw):
+                            acc[v] = acc[v] + x[i, ko * vw + v] * w[e, j, ko * vw + v]
+                    y[i, j] = T.cast(0, dtype)
+                    for v in range(vw):
+                        y[i, j] = y[i, j] + acc[v]
+
+    return moe_group_gemm
+
+
+def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32"):
+    """group_gemm over quantized expert weights (compiler/quantize.py layout, per expert and row):
+    each (column, expert) task dequantizes its weight row once into a stack buffer and reuses it
+    for the expert's rows. Experts with empty segments are neither read nor dequantized."""
+    bits, per, group = spec.bits, spec.per_word, spec.group_size
+    words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
+    vw = vector_width(k)
+    aligned = group % per == 0
+    lanes16 = spec.layout == "lanes16"
+
+    @T.prim_func(private=True)
+    def moe_group_gemm_q(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"),
+                         qw: T.Buffer((num_experts, n, words), "uint32"), qs: T.Buffer((num_experts, n, groups), sdt),
+                         qm: T.Buffer((num_experts, n, groups), sdt), var_y: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})  # opaque: never fused into
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), dtype)
+        y = T.match_buffer(var_y, (m, n), dtype)
+        if lanes16:  # dequantize in registers straight into each row's dot product (no row buffer)
+            for j in T.parallel(n):
+                for e in range(num_experts):
+                    for i in T.serial(indptr[e], indptr[e + 1]):
+                        acc = T.decl_buffer((16,), dtype, scope="local")
+                        for v in T.vectorized(16):
+                            acc[v] = T.cast(0, dtype)
+                        for b in range(k // (16 * per)):
+                            for p in T.unroll(per):
+                                for v in T.vectorized(16):
+                                    acc[v] = acc[v] + x[i, b * 16 * per + p * 16 + v] * (
+                                        T.cast(T.bitwise_and(T.shift_right(qw[e, j, b * 16 + v], T.uint32(p * bits)),
+                                                             T.uint32((1 << bits) - 1)), dtype)
+                                        * T.cast(qs[e, j, (b * 16 * per + p * 16) // group], dtype)
+                                        + T.cast(qm[e, j, (b * 16 * per + p * 16) // group], dtype))
+                        y[i, j] = T.cast(0, dtype)
+                        for v in range(16):
+                            y[i, j] = y[i, j] + acc[v]
+        else:
+            for j in T.parallel(n):
+                row = T.decl_buffer((words * per,), dtype, scope="local")
+                for e in range(num_experts):
+                    if indptr[e + 1] > indptr[e]:
+                        if lanes16:  # see compiler/quantize.py: 16 consecutive elements per shift
+                            for b in range(k // (16 * per)):
+                                for p in T.unroll(per):
+                                    for v in T.vectorized(16):  # scales inline: a Let here is reloaded from memory
+                                        row[b * 16 * per + p * 16 + v] = (
+                                            T.cast(T.bitwise_and(T.shift_right(qw[e, j, b * 16 + v], T.uint32(p * bits)),
+                                                                 T.uint32((1 << bits) - 1)), dtype)
+                                            * T.cast(qs[e, j, (b * 16 * per + p * 16) // group], dtype)
+                                            + T.cast(qm[e, j, (b * 16 * per + p * 16) // group], dtype))
+                        elif aligned:  # whole words per group: one broadcast scale/offset per group
+                            for g in range(groups):
+                                scale = T.cast(qs[e, j, g], dtype)
+                                offset = T.cast(qm[e, j, g], dtype)
+                                for wg in range(group // per):
+                                    for v in T.vectorized(per):
+                                        row[g * group + wg * per + v] = (
+                                            T.cast(T.bitwise_and(T.shift_right(qw[e, j, g * (group // per) + wg],
+                                                                               T.cast(v * bits, "uint32")),
+                                                                 T.uint32((1 << bits) - 1)), dtype) * scale + offset)
+                        else:
+                            for wi in range(words):
+                                for v in T.vectorized(per):
+                                    row[wi * per + v] = (
+                                        T.cast(T.bitwise_and(T.shift_right(qw[e, j, wi], T.cast(v * bits, "uint32")),
+                                                             T.uint32((1 << bits) - 1)), dtype)
+                                        * T.cast(qs[e, j, T.min((wi * per + v) // group, groups - 1)], dtype)
+                                        + T.cast(qm[e, j, T.min((wi * per + v) // group, groups - 1)], dtype))
+                        for i in T.serial(indptr[e], indptr[e + 1]):
+                            acc = T.decl_buffer((vw,), dtype, scope="local")
+                            for v in T.vectorized(vw):
+                                acc[v] = T.cast(0, dtype)
+                            for ko in range(k // vw):
+                                for v in T.vectorized(vw):
+                                    acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
+                            y[i, j] = T.cast(0, dtype)
+                            for v in range(vw):
+                                y[i, j] = y[i, j] + acc[v]
+
+    return moe_group_gemm_q
