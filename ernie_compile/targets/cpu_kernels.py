@@ -62,10 +62,23 @@ def linear(n: int, k: int, dtype: str = "float32"):
     return cpu_linear
 
 
-def _code(qw, j, word, v, bits: int, dtype: str):
-    """The v-th code of packed word qw[j, word], as a float."""
-    return T.cast(T.bitwise_and(T.shift_right(qw[j, word], T.cast(v * bits, "uint32")),
+def _code(qw, row, word, v, bits: int, dtype: str):
+    """The v-th code of packed word qw[*row, word], as a float. `row` indexes all leading axes."""
+    return T.cast(T.bitwise_and(T.shift_right(qw[(*_tuple(row), word)], T.cast(v * bits, "uint32")),
                                 T.uint32((1 << bits) - 1)), dtype)
+
+
+def _tuple(row):
+    return row if isinstance(row, tuple) else (row,)
+
+
+def _lanes16(qw, qs, qm, row, b, p, v, spec, dtype: str):
+    """Element b·16P + p·16 + v of a "lanes16" row (compiler/quantize.py), dequantized: a 16-lane
+    load of word block b, one shift by p, the group's scale and offset broadcast."""
+    per, group = spec.per_word, spec.group_size
+    g = (b * 16 * per + p * 16) // group
+    return (_code(qw, row, b * 16 + v, p, spec.bits, dtype) * T.cast(qs[(*_tuple(row), g)], dtype)
+            + T.cast(qm[(*_tuple(row), g)], dtype))
 
 
 def _word_and_slot(c, spec):
@@ -108,10 +121,8 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32"):
                     for b in range(k // (16 * per)):
                         for p in T.unroll(per):
                             for v in T.vectorized(16):
-                                acc[v] = acc[v] + x[0, b * 16 * per + p * 16 + v] * (
-                                    _code(qw, J(jo, jj), b * 16 + v, p, bits, dtype)
-                                    * T.cast(qs[J(jo, jj), (b * 16 * per + p * 16) // group], dtype)
-                                    + T.cast(qm[J(jo, jj), (b * 16 * per + p * 16) // group], dtype))
+                                acc[v] = acc[v] + x[0, b * 16 * per + p * 16 + v] * _lanes16(
+                                    qw, qs, qm, J(jo, jj), b, p, v, spec, dtype)
                     y[0, J(jo, jj)] = T.cast(0, dtype)
                     for v in range(16):
                         y[0, J(jo, jj)] = y[0, J(jo, jj)] + acc[v]
@@ -124,10 +135,7 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32"):
                         for b in range(k // (16 * per)):
                             for p in T.unroll(per):
                                 for v in T.vectorized(16):
-                                    row[b * 16 * per + p * 16 + v] = (
-                                        _code(qw, J(jo, jj), b * 16 + v, p, bits, dtype)
-                                        * T.cast(qs[J(jo, jj), (b * 16 * per + p * 16) // group], dtype)
-                                        + T.cast(qm[J(jo, jj), (b * 16 * per + p * 16) // group], dtype))
+                                    row[b * 16 * per + p * 16 + v] = _lanes16(qw, qs, qm, J(jo, jj), b, p, v, spec, dtype)
                     elif aligned:  # whole words per group: one broadcast scale/offset per group
                         for g in range(groups):
                             for wg in range(group // per):
@@ -208,9 +216,10 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str):
 
 
 def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32"):
-    """group_gemm over quantized expert weights (compiler/quantize.py layout, per expert and row):
-    each (column, expert) task dequantizes its weight row once into a stack buffer and reuses it
-    for the expert's rows. Experts with empty segments are neither read nor dequantized."""
+    """group_gemm over quantized expert weights (compiler/quantize.py, per expert and row). lanes16
+    rows are dequantized in registers inside each row's dot product; other layouts dequantize a
+    weight row once into a buffer and reuse it for the expert's rows. Experts with empty segments
+    are neither read nor dequantized."""
     bits, per, group = spec.bits, spec.per_word, spec.group_size
     words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
     vw = vector_width(k)
@@ -235,11 +244,8 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32")
                         for b in range(k // (16 * per)):
                             for p in T.unroll(per):
                                 for v in T.vectorized(16):
-                                    acc[v] = acc[v] + x[i, b * 16 * per + p * 16 + v] * (
-                                        T.cast(T.bitwise_and(T.shift_right(qw[e, j, b * 16 + v], T.uint32(p * bits)),
-                                                             T.uint32((1 << bits) - 1)), dtype)
-                                        * T.cast(qs[e, j, (b * 16 * per + p * 16) // group], dtype)
-                                        + T.cast(qm[e, j, (b * 16 * per + p * 16) // group], dtype))
+                                    acc[v] = acc[v] + x[i, b * 16 * per + p * 16 + v] * _lanes16(
+                                        qw, qs, qm, (e, j), b, p, v, spec, dtype)
                         y[i, j] = T.cast(0, dtype)
                         for v in range(16):
                             y[i, j] = y[i, j] + acc[v]
@@ -248,31 +254,18 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32")
                 row = T.decl_buffer((words * per,), dtype, scope="local")
                 for e in range(num_experts):
                     if indptr[e + 1] > indptr[e]:
-                        if lanes16:  # see compiler/quantize.py: 16 consecutive elements per shift
-                            for b in range(k // (16 * per)):
-                                for p in T.unroll(per):
-                                    for v in T.vectorized(16):  # scales inline: a Let here is reloaded from memory
-                                        row[b * 16 * per + p * 16 + v] = (
-                                            T.cast(T.bitwise_and(T.shift_right(qw[e, j, b * 16 + v], T.uint32(p * bits)),
-                                                                 T.uint32((1 << bits) - 1)), dtype)
-                                            * T.cast(qs[e, j, (b * 16 * per + p * 16) // group], dtype)
-                                            + T.cast(qm[e, j, (b * 16 * per + p * 16) // group], dtype))
-                        elif aligned:  # whole words per group: one broadcast scale/offset per group
+                        if aligned:  # whole words per group
                             for g in range(groups):
-                                scale = T.cast(qs[e, j, g], dtype)
-                                offset = T.cast(qm[e, j, g], dtype)
                                 for wg in range(group // per):
                                     for v in T.vectorized(per):
                                         row[g * group + wg * per + v] = (
-                                            T.cast(T.bitwise_and(T.shift_right(qw[e, j, g * (group // per) + wg],
-                                                                               T.cast(v * bits, "uint32")),
-                                                                 T.uint32((1 << bits) - 1)), dtype) * scale + offset)
-                        else:
+                                            _code(qw, (e, j), g * (group // per) + wg, v, bits, dtype)
+                                            * T.cast(qs[e, j, g], dtype) + T.cast(qm[e, j, g], dtype))
+                        else:  # 3-bit: groups straddle words
                             for wi in range(words):
                                 for v in T.vectorized(per):
                                     row[wi * per + v] = (
-                                        T.cast(T.bitwise_and(T.shift_right(qw[e, j, wi], T.cast(v * bits, "uint32")),
-                                                             T.uint32((1 << bits) - 1)), dtype)
+                                        _code(qw, (e, j), wi, v, bits, dtype)
                                         * T.cast(qs[e, j, T.min((wi * per + v) // group, groups - 1)], dtype)
                                         + T.cast(qm[e, j, T.min((wi * per + v) // group, groups - 1)], dtype))
                         for i in T.serial(indptr[e], indptr[e + 1]):
