@@ -66,7 +66,7 @@ class GenerationResult:
 class Session:
     def __init__(self, folder: str | Path, verify: bool = True):
         import tvm
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
         from tvm.runtime.vm import VirtualMachine
 
         self.folder = Path(folder)
@@ -75,10 +75,9 @@ class Session:
             raise UserError(f"{self.folder}: built for {m['target']['spec']}; it does not run on this machine")
         self.device = tvm.runtime.device(m["target"]["device"], 0)
         self._vm = VirtualMachine(tvm.runtime.load_module(str(self.folder / m["library"])), self.device)
-        weights = load_file(str(self.folder / m["weights"]["file"]))
-        # pop as we go: the host copy of each tensor is dropped once the device copy exists
-        self._weights = [tvm.runtime.tensor(weights.pop(name), self.device) for name in m["weights"]["order"]]
-        del weights
+        # one tensor at a time: the host copy of each is dropped once the device copy exists
+        with safe_open(str(self.folder / m["weights"]["file"]), "np") as f:
+            self._weights = [tvm.runtime.tensor(f.get_tensor(name), self.device) for name in m["weights"]["order"]]
         self._prefill = self._vm[m["functions"]["prefill"]]
         self._decode = self._vm[m["functions"]["decode"]]
         self._create_kv = self._vm[m["functions"]["create_kv"]]
