@@ -15,13 +15,52 @@ def vector_width(k: int) -> int:
     return next(v for v in (16, 8, 4, 1) if k % v == 0)
 
 
-def linear(n: int, k: int, dtype: str = "float32"):
-    """y[M, N] = x[M, K] · w[N, K]ᵀ, M symbolic. Blocks of 4 output columns × 4 rows of x share their
-    loads (4×4 vector accumulators); decode (M = 1) streams each weight row once."""
+def _gemm_columns(k: int, jb: int, dtype: str):
+    """A TIR macro: y[:, col:col+jb] = x[M, K] · w[wrow:wrow+jb, K]ᵀ. Blocks of 4 rows of x × jb weight
+    rows share their loads (4×jb 16-lane accumulators); leftover rows (and decode) go one at a time."""
     vw = vector_width(k)
     kv = k // vw
-    jb = 4 if n % 4 == 0 else 1
     ib = 4
+
+    @T.macro
+    def gemm_columns(x, w, wrow, y, col, m):
+        for io in range(m // ib):
+            acc = T.decl_buffer((ib, jb, vw), dtype, scope="local")
+            for ii, jj in T.grid(ib, jb):
+                for v in T.vectorized(vw):
+                    acc[ii, jj, v] = T.cast(0, dtype)
+            for ko in range(kv):
+                for ii in T.unroll(ib):
+                    for jj in T.unroll(jb):
+                        for v in T.vectorized(vw):
+                            acc[ii, jj, v] = acc[ii, jj, v] + (x[io * ib + ii, ko * vw + v]
+                                                               * w[wrow + jj, ko * vw + v])
+            for ii, jj in T.grid(ib, jb):
+                y[io * ib + ii, col + jj] = T.cast(0, dtype)
+                for v in range(vw):
+                    y[io * ib + ii, col + jj] = y[io * ib + ii, col + jj] + acc[ii, jj, v]
+        for i in range(m - m % ib, m):
+            acc1 = T.decl_buffer((jb, vw), dtype, scope="local")
+            for jj in range(jb):
+                for v in T.vectorized(vw):
+                    acc1[jj, v] = T.cast(0, dtype)
+            for ko in range(kv):
+                for jj in T.unroll(jb):
+                    for v in T.vectorized(vw):
+                        acc1[jj, v] = acc1[jj, v] + x[i, ko * vw + v] * w[wrow + jj, ko * vw + v]
+            for jj in range(jb):
+                y[i, col + jj] = T.cast(0, dtype)
+                for v in range(vw):
+                    y[i, col + jj] = y[i, col + jj] + acc1[jj, v]
+
+    return gemm_columns
+
+
+def linear(n: int, k: int, dtype: str = "float32"):
+    """y[M, N] = x[M, K] · w[N, K]ᵀ, M symbolic, parallel over blocks of 4 output columns
+    (_gemm_columns); decode (M = 1) streams each weight row once."""
+    jb = 4 if n % 4 == 0 else 1
+    gemm_columns = _gemm_columns(k, jb, dtype)
 
     @T.prim_func(private=True)
     def cpu_linear(var_x: T.handle, w: T.Buffer((n, k), dtype), var_y: T.handle):
@@ -30,34 +69,7 @@ def linear(n: int, k: int, dtype: str = "float32"):
         x = T.match_buffer(var_x, (m, k), dtype)
         y = T.match_buffer(var_y, (m, n), dtype)
         for jo in T.parallel(n // jb):
-            for io in range(m // ib):
-                acc = T.decl_buffer((ib, jb, vw), dtype, scope="local")
-                for ii, jj in T.grid(ib, jb):
-                    for v in T.vectorized(vw):
-                        acc[ii, jj, v] = T.cast(0, dtype)
-                for ko in range(kv):
-                    for ii in T.unroll(ib):
-                        for jj in T.unroll(jb):
-                            for v in T.vectorized(vw):
-                                acc[ii, jj, v] = acc[ii, jj, v] + (x[io * ib + ii, ko * vw + v]
-                                                                   * w[jo * jb + jj, ko * vw + v])
-                for ii, jj in T.grid(ib, jb):
-                    y[io * ib + ii, jo * jb + jj] = T.cast(0, dtype)
-                    for v in range(vw):
-                        y[io * ib + ii, jo * jb + jj] = y[io * ib + ii, jo * jb + jj] + acc[ii, jj, v]
-            for i in range(m - m % ib, m):  # the rows left over, and all of decode
-                acc1 = T.decl_buffer((jb, vw), dtype, scope="local")
-                for jj in range(jb):
-                    for v in T.vectorized(vw):
-                        acc1[jj, v] = T.cast(0, dtype)
-                for ko in range(kv):
-                    for jj in T.unroll(jb):
-                        for v in T.vectorized(vw):
-                            acc1[jj, v] = acc1[jj, v] + x[i, ko * vw + v] * w[jo * jb + jj, ko * vw + v]
-                for jj in range(jb):
-                    y[i, jo * jb + jj] = T.cast(0, dtype)
-                    for v in range(vw):
-                        y[i, jo * jb + jj] = y[i, jo * jb + jj] + acc1[jj, v]
+            gemm_columns(x, w, jo * jb, y, jo * jb, m)
 
     return cpu_linear
 
@@ -92,15 +104,16 @@ def _word_and_slot(c, spec):
 
 def linear_q(n: int, k: int, spec, dtype: str = "float32"):
     """y[M, N] = x[M, K] · dequant(W)ᵀ with W stored as packed codes + group scales/offsets
-    (compiler/quantize.py). Each task dequantizes one weight row into a stack buffer (vectorised
-    per packed word) and reuses it for all M rows of x: no full-precision weight matrix exists."""
+    (compiler/quantize.py). Decode (M = 1, lanes16) dequantizes in registers inside the dot
+    product; otherwise each task dequantizes 4 weight rows into a buffer and runs the float GEMM
+    tile (_gemm_columns) over all M rows. No full-precision weight matrix exists at any time."""
     bits, per, group = spec.bits, spec.per_word, spec.group_size
     words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
-    vw = vector_width(k)
-    kv = k // vw
     aligned = group % per == 0
     lanes16 = spec.layout == "lanes16"
     rows_per_task = next(r for r in (16, 8, 4, 2, 1) if n % r == 0)
+    jb = 4 if n % 4 == 0 else 1
+    gemm_columns = _gemm_columns(k, jb, dtype)
 
     def J(jo, jj):  # the weight row; an expression, not a Let (a Let here is reloaded from memory)
         return jo * rows_per_task + jj
@@ -126,39 +139,31 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32"):
                     y[0, J(jo, jj)] = T.cast(0, dtype)
                     for v in range(16):
                         y[0, J(jo, jj)] = y[0, J(jo, jj)] + acc[v]
-        else:  # prefill (and row layouts): dequantize each weight row once, reuse it for all M rows
-            for jo in T.parallel(n // rows_per_task):
-                # one row buffer per task, not per row: buffers over 1 KiB are heap workspace allocations
-                row = T.decl_buffer((words * per,), dtype, scope="local")
-                for jj in range(rows_per_task):
-                    if lanes16:  # 16-lane loads of a word block, one shift per slot: consecutive elements
+        else:  # prefill (and row layouts): dequantize jb weight rows once, then the float GEMM tile
+            for jo in T.parallel(n // jb):
+                rows = T.decl_buffer((jb, words * per), dtype, scope="local")
+                for jj in range(jb):
+                    if lanes16:
                         for b in range(k // (16 * per)):
                             for p in T.unroll(per):
                                 for v in T.vectorized(16):
-                                    row[b * 16 * per + p * 16 + v] = _lanes16(qw, qs, qm, J(jo, jj), b, p, v, spec, dtype)
-                    elif aligned:  # whole words per group: one broadcast scale/offset per group
+                                    rows[jj, b * 16 * per + p * 16 + v] = _lanes16(qw, qs, qm, jo * jb + jj, b, p, v,
+                                                                                  spec, dtype)
+                    elif aligned:  # whole words per group
                         for g in range(groups):
                             for wg in range(group // per):
                                 for v in T.vectorized(per):
-                                    row[g * group + wg * per + v] = (
-                                        _code(qw, J(jo, jj), g * (group // per) + wg, v, bits, dtype)
-                                        * T.cast(qs[J(jo, jj), g], dtype) + T.cast(qm[J(jo, jj), g], dtype))
+                                    rows[jj, g * group + wg * per + v] = (
+                                        _code(qw, jo * jb + jj, g * (group // per) + wg, v, bits, dtype)
+                                        * T.cast(qs[jo * jb + jj, g], dtype) + T.cast(qm[jo * jb + jj, g], dtype))
                     else:  # 3-bit: groups straddle words
                         for wi in range(words):
                             for v in T.vectorized(per):
-                                row[wi * per + v] = (_code(qw, J(jo, jj), wi, v, bits, dtype)
-                                                     * T.cast(qs[J(jo, jj), T.min((wi * per + v) // group, groups - 1)], dtype)
-                                                     + T.cast(qm[J(jo, jj), T.min((wi * per + v) // group, groups - 1)], dtype))
-                    for i in range(m):
-                        acc = T.decl_buffer((vw,), dtype, scope="local")
-                        for v in T.vectorized(vw):
-                            acc[v] = T.cast(0, dtype)
-                        for ko in range(kv):
-                            for v in T.vectorized(vw):
-                                acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
-                        y[i, J(jo, jj)] = T.cast(0, dtype)
-                        for v in range(vw):
-                            y[i, J(jo, jj)] = y[i, J(jo, jj)] + acc[v]
+                                rows[jj, wi * per + v] = (
+                                    _code(qw, jo * jb + jj, wi, v, bits, dtype)
+                                    * T.cast(qs[jo * jb + jj, T.min((wi * per + v) // group, groups - 1)], dtype)
+                                    + T.cast(qm[jo * jb + jj, T.min((wi * per + v) // group, groups - 1)], dtype))
+                gemm_columns(x, rows, 0, y, jo * jb, m)
 
     return cpu_linear_q
 
