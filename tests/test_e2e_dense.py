@@ -97,3 +97,17 @@ def test_context_limit_is_enforced(compiled):
     session = Session(out)
     with pytest.raises(UserError, match="max_seq_len 128"):
         session.forward(list(range(129)))
+
+
+def test_decode_across_many_kv_pages(compiled, checkpoints):
+    """A 70-token prompt spans five 16-token KV pages: decode attention must walk the page table."""
+    name, out, _ = compiled
+    ref = eager_model(checkpoints[name])
+    session = Session(out)
+    seq = [int(t) for t in np.random.default_rng(1).integers(0, 1024, 70)]
+    session.forward(seq)
+    for token in (9, 500, 77):
+        seq.append(token)
+        logits = session.forward([token])
+        with torch.no_grad():
+            assert _close(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL, f"decode at {len(seq)}"

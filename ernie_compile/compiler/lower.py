@@ -16,6 +16,7 @@ from ..errors import InternalError
 from ..passes import PassReport
 from .capture import Captured
 
+PAGE_SIZE = 16  # tokens per KV-cache page; the runtime creates the cache with it (manifest kv_cache)
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
 
 
@@ -118,6 +119,12 @@ def _kv_cache_module(config, dtype: str, target: tvm.target.Target, rope_mode: s
     spec["$"] = {"param_mode": "none", "effect_mode": "none"}
     with target:
         mod, _ = KVCache().export_tvm(spec={"create_kv": spec})
+    if target.kind.name == "llvm":  # TVM's CPU decode attention is one thread, scalar: use ours
+        from ..targets.cpu_kernels import paged_decode_attention
+
+        gv = mod.get_global_var("batch_decode_paged_kv_cpu")
+        mod[gv] = paged_decode_attention(config.num_key_value_heads, config.num_attention_heads, head_dim, dtype,
+                                         PAGE_SIZE).with_attr("global_symbol", "batch_decode_paged_kv_cpu")
     return mod
 
 

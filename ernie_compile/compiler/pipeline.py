@@ -26,10 +26,10 @@ from ..passes import quantize_weights, select_passes
 from ..targets import get_target
 from . import package
 from .inspect import count_kernels
+from .lower import PAGE_SIZE
 from .options import CompileOptions
 from .quantize import QuantPolicy
 
-PAGE_SIZE = 16  # tokens per KV-cache page
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
