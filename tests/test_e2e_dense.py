@@ -111,3 +111,19 @@ def test_decode_across_many_kv_pages(compiled, checkpoints):
         logits = session.forward([token])
         with torch.no_grad():
             assert _close(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL, f"decode at {len(seq)}"
+
+
+def test_second_prefill_on_a_cached_sequence(compiled, checkpoints):
+    """Prefill more tokens onto a sequence already in the cache: the new tokens' attention (ours, with
+    its log-sum-exp) is merged with attention over the cached pages, then decode goes on."""
+    name, out, _ = compiled
+    ref = eager_model(checkpoints[name])
+    session = Session(out)
+    seq = [int(t) for t in np.random.default_rng(2).integers(0, 1024, 45)]
+    session.forward(seq[:20])
+    logits = session.forward(seq[20:])
+    with torch.no_grad():
+        assert _close(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
+    seq.append(3)
+    with torch.no_grad():
+        assert _close(session.forward([3]), ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL

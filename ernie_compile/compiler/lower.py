@@ -119,12 +119,13 @@ def _kv_cache_module(config, dtype: str, target: tvm.target.Target, rope_mode: s
     spec["$"] = {"param_mode": "none", "effect_mode": "none"}
     with target:
         mod, _ = KVCache().export_tvm(spec={"create_kv": spec})
-    if target.kind.name == "llvm":  # TVM's CPU decode attention is one thread, scalar: use ours
-        from ..targets.cpu_kernels import paged_decode_attention
+    if target.kind.name == "llvm":  # TVM's CPU attention kernels are one thread, scalar: use ours
+        from ..targets.cpu_kernels import paged_decode_attention, ragged_prefill_attention
 
-        gv = mod.get_global_var("batch_decode_paged_kv_cpu")
-        mod[gv] = paged_decode_attention(config.num_key_value_heads, config.num_attention_heads, head_dim, dtype,
-                                         PAGE_SIZE).with_attr("global_symbol", "batch_decode_paged_kv_cpu")
+        heads = (config.num_key_value_heads, config.num_attention_heads, head_dim, dtype)
+        for name, kernel in (("batch_decode_paged_kv_cpu", paged_decode_attention(*heads, PAGE_SIZE)),
+                             ("batch_prefill_ragged_kv", ragged_prefill_attention(*heads))):
+            mod[mod.get_global_var(name)] = kernel.with_attr("global_symbol", name)
     return mod
 
 
