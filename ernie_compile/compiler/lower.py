@@ -15,6 +15,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from ..errors import InternalError
 from ..passes import PassReport
 from .capture import Captured
+from .kernel_table import KernelTable
 
 PAGE_SIZE = 16  # tokens per KV-cache page; the runtime creates the cache with it (manifest kv_cache)
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
@@ -41,7 +42,7 @@ class LoweringContext:
     they call, one GlobalVar per kernel name for the whole module (prefill and decode share kernels)."""
 
     def __init__(self):
-        self.kernels: dict[str, tuple[tvm.ir.GlobalVar, tirx.PrimFunc]] = {}
+        self.kernels = KernelTable()
         self.kv_cache = None
         self.concats: dict[str, tuple[relax.Var, list[relax.Var]]] = {}
 
@@ -56,11 +57,7 @@ class LoweringContext:
 
     def kernel(self, name: str, make) -> tvm.ir.GlobalVar:
         """The GlobalVar of kernel `name`, built by make() the first time. Name a kernel by its shapes."""
-        if name not in self.kernels:
-            func = make()
-            # a GlobalVar typed like its function (call_tir checks the callee's type)
-            self.kernels[name] = (relax.BlockBuilder().add_func(func, name), func)
-        return self.kernels[name][0]
+        return self.kernels.get(name, make)
 
 
 def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: LoweringContext,
@@ -149,6 +146,5 @@ def lower(captured: Captured, config, target: tvm.target.Target, passes: list, d
                 raise InternalError(f"lowering {name}: {e}") from None
     if step_weights["prefill"] != step_weights["decode"]:
         raise InternalError("prefill and decode take different weights")
-    for gv, func in ctx.kernels.values():
-        mod[gv] = func
+    ctx.kernels.add_to(mod)
     return mod, reports, step_weights["decode"]

@@ -13,6 +13,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from ..compiler.kernel_table import KernelTable
 from ..errors import InternalError
 from . import PassReport
 
@@ -22,7 +23,7 @@ NAME = "lower_linear_to_kernel"
 def run(mod: tvm.IRModule, make_kernel, functions=("prefill", "decode")) -> tuple[tvm.IRModule, PassReport]:
     report = PassReport(NAME)
     counts = []
-    kernels: dict[tuple, tuple[tvm.ir.GlobalVar, object]] = {}
+    kernels = KernelTable()
     x_pat, w_pat = wildcard(), wildcard()
     pattern = is_op("relax.matmul")(x_pat, is_op("relax.permute_dims")(w_pat))
     mod = tvm.IRModule(dict(mod.functions_items()))
@@ -36,23 +37,19 @@ def run(mod: tvm.IRModule, make_kernel, functions=("prefill", "decode")) -> tupl
             if w not in weights or len(w.ty.shape) != 2 or x.ty.dtype != w.ty.dtype:
                 return expr
             n, k = (int(d) for d in w.ty.shape)
-            key = (n, k, w.ty.dtype)
-            if key not in kernels:
-                prim = make_kernel(n, k, w.ty.dtype)
-                kernels[key] = (relax.BlockBuilder().add_func(prim, f"linear_{n}x{k}_{w.ty.dtype}"), prim)
+            gv = kernels.get(f"linear_{n}x{k}_{w.ty.dtype}", lambda: make_kernel(n, k, w.ty.dtype))
             lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
             m = 1
             for d in lead:
                 m = m * d
             x2 = relax.op.reshape(x, [m, k])
-            y = relax.call_tir(kernels[key][0], [x2, w], relax.TensorType((m, n), w.ty.dtype))
+            y = relax.call_tir(gv, [x2, w], relax.TensorType((m, n), w.ty.dtype))
             sites[0] += 1
             return relax.op.reshape(y, [*lead, n])
 
         mod[name] = rewrite_call(pattern, rewrite, func)
         counts.append(sites[0])
-    for gv, prim in kernels.values():
-        mod[gv] = prim
+    kernels.add_to(mod)
     # per step function, like the other passes; every step has the same linears
     if len(set(counts)) != 1:
         raise InternalError(f"{NAME}: step functions matched different numbers of linears: {counts}")

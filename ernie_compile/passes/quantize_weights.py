@@ -16,6 +16,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from ..compiler.kernel_table import KernelTable
 from ..compiler.quantize import QuantPolicy, QuantSpec
 from ..errors import InternalError
 from . import PassReport
@@ -26,14 +27,11 @@ PARTS = ("qweight", "qscale", "qmin")
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, quantized: dict, kernels):
+    def __init__(self, mod, quantized: dict, kernels: KernelTable):
         super().__init__(mod)
         self.quantized = quantized  # weight Var → (spec, (qw, qs, qm) Vars)
         self.kernels = kernels
         self.sites = 0
-
-    def _kernel(self, name: str, make):
-        return self.kernels(name, make)
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
@@ -64,7 +62,7 @@ class _Rewriter(relax.PyExprMutator):
         from ..targets import cpu_kernels
 
         n, k = (int(d) for d in bound.args[0].ty.shape)
-        gv = self._kernel(f"linear_q{spec.bits}g{spec.group_size}_{n}x{k}", lambda: cpu_kernels.linear_q(n, k, spec))
+        gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{n}x{k}", lambda: cpu_kernels.linear_q(n, k, spec))
         lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
         m = 1
         for d in lead:
@@ -88,7 +86,7 @@ class _Rewriter(relax.PyExprMutator):
         for d in shape:
             t = t * d
         flat = self.builder_.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [t]))
-        gv = self._kernel(f"take_q{spec.bits}g{spec.group_size}_{vocab}x{dim}",
+        gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_{vocab}x{dim}",
                           lambda: cpu_kernels.take_q(vocab, dim, spec))
         out = self.builder_.emit(relax.call_tir(gv, [flat, *parts], relax.TensorType((t, dim), "float32")))
         self.sites += 1
@@ -106,7 +104,7 @@ class _Rewriter(relax.PyExprMutator):
         from ..targets.cpu_kernels import group_gemm_q
 
         e, n, k = (int(d) for d in w.ty.shape)
-        gv = self._kernel(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}",
+        gv = self.kernels.get(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}",
                           lambda: group_gemm_q(e, n, k, spec))
         self.sites += 1
         return relax.call_tir(gv, [x, indptr, *parts], call.ty)
@@ -125,13 +123,7 @@ def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy,
     """Returns the module, the new weight list (aligned with the step functions' weight inputs), and
     the report: matched = readers rewritten per step function, expected = readers of those weights."""
     report = PassReport(NAME)
-    kernels: dict[str, tuple] = {}
-
-    def kernel(name, make):
-        if name not in kernels:
-            prim = make()
-            kernels[name] = (relax.BlockBuilder().add_func(prim, name), prim)
-        return kernels[name][0]
+    kernels = KernelTable()
 
     mod = tvm.IRModule(dict(mod.functions_items()))
     new_weights = None
@@ -149,7 +141,7 @@ def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy,
             quantized[var] = (spec, parts)
             params.extend(parts)
             step_weights.append({**w, "quant": spec.as_dict(), "parts": [str(p) for p in parts]})
-        rewriter = _Rewriter(mod, quantized, kernel)
+        rewriter = _Rewriter(mod, quantized, kernels)
         body = rewriter.visit_expr(func.body)
         new_func = relax.analysis.remove_all_unused(relax.Function(params, body, func.ret_ty, func.is_pure,
                                                                    func.attrs))
@@ -161,6 +153,5 @@ def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy,
             raise InternalError(f"{NAME}: step functions disagree on the weight list")
         new_weights = step_weights
         report.matched = report.expected = rewriter.sites
-    for gv, prim in kernels.values():
-        mod[gv] = prim
+    kernels.add_to(mod)
     return mod, new_weights, report
