@@ -25,6 +25,7 @@ from ernie_compile.compiler.load import load_preset  # noqa: E402
 from ernie_compile.compiler.options import CompileOptions  # noqa: E402
 from ernie_compile.compiler.pipeline import compile_model  # noqa: E402
 from ernie_compile.runtime import Session  # noqa: E402
+from common import print_table  # noqa: E402  (bench/common.py)
 
 VARIANTS = {"fused": dict(fuse_attention=True), "unfused": dict(fuse_attention=False)}
 
@@ -122,14 +123,9 @@ def main() -> None:
                     row["weight_MB_per_token"] = wbytes / 1e6
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
     print(f"\nthreads={torch.get_num_threads()} prompt={args.prompt} decode={args.decode} reps={args.reps} "
           f"(medians; fp32)\n")
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{r.get(c, ''):.3g}" if isinstance(r.get(c), float) else str(r.get(c, ''))
-                                for c in cols) + " |")
+    print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

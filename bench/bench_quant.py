@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from ernie_compile.compiler.load import ASSETS, load_preset  # noqa: E402
 from ernie_compile.compiler.options import CompileOptions  # noqa: E402
 from ernie_compile.compiler.pipeline import compile_model  # noqa: E402
+from common import print_table  # noqa: E402  (bench/common.py)
 
 RUN = """
 import json, statistics, sys
@@ -109,12 +110,7 @@ def main() -> None:
                 print(f"llama.cpp peer failed: {peer.stderr[-500:]}", file=sys.stderr)
     print(f"\n{args.preset}, 2 threads, read bandwidth {bandwidth:.1f} GB/s (torch sum over 1 GiB); "
           f"prompt {args.prompt}, decode {args.decode}, medians of {args.reps}\n")
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{r.get(c):.3g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-                                for c in cols) + " |")
+    print_table(rows)
     if args.json:
         args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "rows": rows}, indent=2) + "\n")
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +75,12 @@ def eager_model(folder: Path):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     model.generation_config.eos_token_id = None  # compare full-length generations
     return model
+
+
+def rel_error(ours: np.ndarray, ref: torch.Tensor) -> float:
+    """max|ours − ref| / max|ref|: the logits tolerance every parity test states."""
+    ref = ref.float().numpy()
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def eager_greedy(model, prompt: list[int], n: int) -> list[int]:

@@ -7,18 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DENSE_CONFIGS, PROMPT_IDS as PROMPT, eager_greedy, eager_model, run_cli
+from conftest import DENSE_CONFIGS, PROMPT_IDS as PROMPT, eager_greedy, eager_model, rel_error, run_cli
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
 from ernie_compile.runtime import Session
 
 # fp32 end to end; the only differences are summation order. Relative to max|logit| of the reference.
 REL_TOL = 1e-4
-
-
-def _close(ours: np.ndarray, ref: torch.Tensor) -> float:
-    ref = ref.float().numpy()
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module", params=list(DENSE_CONFIGS))
@@ -45,7 +40,7 @@ def test_prefill_and_decode_logits_match_eager(compiled, checkpoints):
     logits = session.forward(seq)
     with torch.no_grad():
         full = ref(torch.tensor([seq])).logits[0, -1]
-    assert _close(logits, full) <= REL_TOL
+    assert rel_error(logits, full) <= REL_TOL
     rng = np.random.default_rng(0)
     for _ in range(8):  # decode steps, teacher-forced with arbitrary tokens so the cache must be right
         token = int(rng.integers(0, 1024))
@@ -53,7 +48,7 @@ def test_prefill_and_decode_logits_match_eager(compiled, checkpoints):
         logits = session.forward([token])
         with torch.no_grad():
             full = ref(torch.tensor([seq])).logits[0, -1]
-        assert _close(logits, full) <= REL_TOL, f"decode step at length {len(seq)}"
+        assert rel_error(logits, full) <= REL_TOL, f"decode step at length {len(seq)}"
 
 
 def test_greedy_32_tokens_python_api(compiled, checkpoints):
@@ -110,7 +105,7 @@ def test_decode_across_many_kv_pages(compiled, checkpoints):
         seq.append(token)
         logits = session.forward([token])
         with torch.no_grad():
-            assert _close(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL, f"decode at {len(seq)}"
+            assert rel_error(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL, f"decode at {len(seq)}"
 
 
 def test_second_prefill_on_a_cached_sequence(compiled, checkpoints):
@@ -123,7 +118,7 @@ def test_second_prefill_on_a_cached_sequence(compiled, checkpoints):
     session.forward(seq[:20])
     logits = session.forward(seq[20:])
     with torch.no_grad():
-        assert _close(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
+        assert rel_error(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
     seq.append(3)
     with torch.no_grad():
-        assert _close(session.forward([3]), ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
+        assert rel_error(session.forward([3]), ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL

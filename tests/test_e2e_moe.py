@@ -3,22 +3,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import MOE_CONFIGS, PROMPT_IDS, eager_greedy, eager_model, run_cli
+from conftest import MOE_CONFIGS, PROMPT_IDS, eager_greedy, eager_model, rel_error, run_cli
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
 from ernie_compile.passes.fuse_moe_routing import expected_sites
 from ernie_compile.runtime import Session
 
 REL_TOL = 1e-4  # fp32; relative to max|logit| of the reference
-
-
-def _rel(ours, ref: torch.Tensor) -> float:
-    ref = ref.numpy()
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module", params=list(MOE_CONFIGS))
@@ -44,12 +38,12 @@ def test_prefill_and_decode_logits_match_eager(compiled, moe_checkpoints):
     seq = list(PROMPT_IDS)
     logits = session.forward(seq)
     with torch.no_grad():
-        assert _rel(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
+        assert rel_error(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
     for token in (3, 700, 12, 512, 99):
         seq.append(token)
         logits = session.forward([token])
         with torch.no_grad():
-            assert _rel(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL, f"decode at {len(seq)}"
+            assert rel_error(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL, f"decode at {len(seq)}"
 
 
 def test_greedy_32_tokens_python_api(compiled, moe_checkpoints):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DENSE_CONFIGS, MOE_CONFIGS, PROMPT_IDS, eager_greedy, eager_model
+from conftest import DENSE_CONFIGS, PROMPT_IDS, eager_greedy, eager_model, rel_error
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
 from ernie_compile.compiler.quantize import BITS, QuantPolicy, QuantSpec, dequantize, pack, quantize, unpack
@@ -111,19 +111,14 @@ def fake_quant(model, policy: QuantPolicy):
     return model
 
 
-def _rel(ours, ref) -> float:
-    ref = ref.numpy()
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
 def _check_artifact(folder, ref):
     session = Session(folder)
     seq = list(PROMPT_IDS)
     with torch.no_grad():
-        assert _rel(session.forward(seq), ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
+        assert rel_error(session.forward(seq), ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
         for t in (4, 800, 77):
             seq.append(t)
-            assert _rel(session.forward([t]), ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
+            assert rel_error(session.forward([t]), ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
     assert session.generate(PROMPT_IDS, 32, stop_at_eos=False).tokens == eager_greedy(ref, PROMPT_IDS, 32)
 
 

@@ -1,7 +1,6 @@
 """The runtime stands alone: no torch, no transformers, no compiler code; cross builds do not run here."""
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys

@@ -170,7 +170,7 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32"):
 
 def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
     """Embedding lookup from a quantized table: out[T, D] = dequant(W[ids[t]])."""
-    bits, per, group = spec.bits, spec.per_word, spec.group_size
+    bits, group = spec.bits, spec.group_size
     words, groups, sdt = spec.words(dim), dim // spec.group_size, spec.scale_dtype
 
     @T.prim_func(private=True)
