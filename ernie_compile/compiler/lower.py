@@ -38,10 +38,11 @@ def _select_int(node, importer):
 
 
 class LoweringContext:
-    """What converters share: the KV-cache variable of the step being imported, and the TIR kernels
-    they call, one GlobalVar per kernel name for the whole module (prefill and decode share kernels)."""
+    """What converters share: the KV-cache variable of the step being imported, the target's kernel
+    builders, and the TIR kernels they call, one GlobalVar per kernel name for the whole module (prefill and decode share kernels)."""
 
-    def __init__(self):
+    def __init__(self, target_kernels):
+        self.target_kernels = target_kernels  # the target's kernel module (targets/cpu_kernels.py, …)
         self.kernels = KernelTable()
         self.kv_cache = None
         self.concats: dict[str, tuple[relax.Var, list[relax.Var]]] = {}
@@ -91,9 +92,11 @@ def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: Lowering
     return func, weights
 
 
-def _kv_cache_module(config, dtype: str, target: tvm.target.Target, rope_mode: str) -> tvm.IRModule:
-    """`create_kv`: TVM's paged KV cache with TIR kernels for `target`. rope_mode "normal": the cache
-    applies ERNIE's interleaved (GPT-J) RoPE to q/k itself; "none": the graph already did."""
+def _kv_cache_module(config, dtype: str, target, rope_mode: str) -> tvm.IRModule:
+    """`create_kv`: TVM's paged KV cache with TIR kernels for `target` (ours; it may replace some of
+    TVM's kernels with its own). rope_mode "normal": the cache applies ERNIE's interleaved (GPT-J)
+    RoPE to q/k itself; "none": the graph already did."""
+    tvm_target = target.tvm_target()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     class KVCache(nn.Module):
@@ -110,30 +113,26 @@ def _kv_cache_module(config, dtype: str, target: tvm.target.Target, rope_mode: s
                 rope_mode=RopeMode.NORMAL if rope_mode == "normal" else RopeMode.NONE, rope_scale=1,
                 rope_theta=float(config.rope_parameters["rope_theta"]),
                 rope_scaling={"rope_type": "gptj"}, rope_ext_factors=relax.prim_value(0), rotary_dim=head_dim,
-                enable_disaggregation=False, dtype=dtype, target=target)
+                enable_disaggregation=False, dtype=dtype, target=tvm_target)
 
     spec = {name: int for name in KV_CACHE_ARGS}
     spec["$"] = {"param_mode": "none", "effect_mode": "none"}
-    with target:
+    with tvm_target:
         mod, _ = KVCache().export_tvm(spec={"create_kv": spec})
-    if target.kind.name == "llvm":  # TVM's CPU attention kernels are one thread, scalar: use ours
-        from ..targets.cpu_kernels import paged_decode_attention, ragged_prefill_attention
-
-        heads = (config.num_key_value_heads, config.num_attention_heads, head_dim, dtype)
-        for name, kernel in (("batch_decode_paged_kv_cpu", paged_decode_attention(*heads, PAGE_SIZE)),
-                             ("batch_prefill_ragged_kv", ragged_prefill_attention(*heads))):
-            mod[mod.get_global_var(name)] = kernel.with_attr("global_symbol", name)
+    heads = (config.num_key_value_heads, config.num_attention_heads, head_dim, dtype, PAGE_SIZE)
+    for name, kernel in target.kernels.kv_cache_overrides(*heads).items():
+        mod[mod.get_global_var(name)] = kernel.with_attr("global_symbol", name)
     return mod
 
 
-def lower(captured: Captured, config, target: tvm.target.Target, passes: list, dtype: str = "float32"):
-    """Returns (IRModule, pass reports, weights in the order the step functions take them).
+def lower(captured: Captured, config, target, passes: list, dtype: str = "float32"):
+    """`target` is ours (targets/): its TVM target and the kernels it supplies. Returns (IRModule, pass reports, weights in the order the step functions take them).
     Each pass must match its expected sites in each step function."""
     rope_modes = {getattr(p, "ROPE_MODE") for p in passes if hasattr(p, "ROPE_MODE")}
     if len(rope_modes) != 1:
         raise InternalError(f"exactly one attention pass must run, got {[p.NAME for p in passes]}")
     mod = _kv_cache_module(config, dtype, target, rope_modes.pop())
-    ctx = LoweringContext()
+    ctx = LoweringContext(target.kernels)
     step_weights = {}
     for name in ("prefill", "decode"):
         reports = [PassReport(p.NAME, expected=p.expected_sites(config)) for p in passes]

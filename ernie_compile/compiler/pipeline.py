@@ -118,9 +118,9 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     from .lower import lower
 
     with stages("lower"):
-        mod, pass_reports, weights = lower(captured, config, tvm_target, passes)
+        mod, pass_reports, weights = lower(captured, config, target, passes)
         if policy:
-            mod, weights, qreport = quantize_weights.run(mod, weights, policy)
+            mod, weights, qreport = quantize_weights.run(mod, weights, policy, target.kernels)
             pass_reports.append(qreport)
         mod, target_reports = target.passes(mod)
         pass_reports += target_reports

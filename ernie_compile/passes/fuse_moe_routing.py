@@ -12,7 +12,7 @@ ERNIE's routing, exactly: fp32 gate linear → softmax → top-k chosen by softm
 clamp(sum, moe_norm_min) → each chosen expert's SwiGLU MLP → weighted sum.
 
 Lowered (Relax), the T·k (token, expert) pairs are sorted by expert and each expert's rows run as one
-segment of a grouped GEMM (`group_gemm` in targets/cpu_kernels.py): decode reads only the k chosen
+segment of a grouped GEMM (the target's `group_gemm`, e.g. targets/cpu_kernels.py): decode reads only the k chosen
 experts' weights; prefill reads each chosen expert once for all its tokens.
 """
 from __future__ import annotations
@@ -113,8 +113,7 @@ def converter(report: PassReport, ctx):
         bounds = op.arange(0, num_experts + 1, dtype="int64")
         indptr = emit(op.sum(op.astype(op.less(op.expand_dims(sorted_e, 0), op.expand_dims(bounds, 1)), "int64"),
                              axis=1))  # [E+1]: rows before expert e
-        from ..targets.cpu_kernels import group_gemm
-
+        group_gemm = ctx.target_kernels.group_gemm
         f_up = ctx.kernel(f"moe_group_gemm_{num_experts}x{two_i}x{h}_{dtype}",
                           lambda: group_gemm(num_experts, two_i, h, dtype))
         f_down = ctx.kernel(f"moe_group_gemm_{num_experts}x{h}x{inter}_{dtype}",

@@ -14,7 +14,7 @@ the quantized tensors in the layout the kernels take.
 from __future__ import annotations
 
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 
 from ..compiler.kernel_table import KernelTable
 from ..compiler.quantize import QuantPolicy, QuantSpec
@@ -27,10 +27,11 @@ PARTS = ("qweight", "qscale", "qmin")
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, quantized: dict, kernels: KernelTable):
+    def __init__(self, mod, quantized: dict, kernels: KernelTable, target_kernels):
         super().__init__(mod)
         self.quantized = quantized  # weight Var → (spec, (qw, qs, qm) Vars)
         self.kernels = kernels
+        self.make = target_kernels
         self.sites = 0
 
     def visit_call_(self, call):
@@ -59,14 +60,15 @@ class _Rewriter(relax.PyExprMutator):
         if entry is None:
             return call
         spec, parts = entry
-        from ..targets import cpu_kernels
-
         n, k = (int(d) for d in bound.args[0].ty.shape)
-        gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{n}x{k}", lambda: cpu_kernels.linear_q(n, k, spec))
         lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
         m = 1
         for d in lead:
             m = m * d
+        # GPU targets schedule M = 1 (decode, a GEMV) and M symbolic (prefill, a GEMM) differently
+        static_m = int(m) if self.make.SPECIALIZE_STATIC_M and isinstance(m, (int, tirx.IntImm)) else None
+        gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{n}x{k}" + (f"_m{static_m}" if static_m else ""),
+                              lambda: self.make.linear_q(n, k, spec, m=static_m))
         y = relax.call_tir(gv, [self.builder_.emit(relax.op.reshape(x, [m, k])), *parts],
                            relax.TensorType((m, n), x.ty.dtype))
         self.sites += 1
@@ -77,8 +79,6 @@ class _Rewriter(relax.PyExprMutator):
         if entry is None:
             return call
         spec, parts = entry
-        from ..targets import cpu_kernels
-
         vocab, dim = (int(d) for d in call.args[0].ty.shape)
         ids = call.args[1]
         shape = [ids.ty.shape[i] for i in range(len(ids.ty.shape))]
@@ -87,7 +87,7 @@ class _Rewriter(relax.PyExprMutator):
             t = t * d
         flat = self.builder_.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [t]))
         gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_{vocab}x{dim}",
-                          lambda: cpu_kernels.take_q(vocab, dim, spec))
+                          lambda: self.make.take_q(vocab, dim, spec))
         out = self.builder_.emit(relax.call_tir(gv, [flat, *parts], relax.TensorType((t, dim), "float32")))
         self.sites += 1
         return relax.op.reshape(out, [*shape, dim])
@@ -101,11 +101,9 @@ class _Rewriter(relax.PyExprMutator):
         if entry is None:
             return call
         spec, parts = entry
-        from ..targets.cpu_kernels import group_gemm_q
-
         e, n, k = (int(d) for d in w.ty.shape)
         gv = self.kernels.get(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}",
-                          lambda: group_gemm_q(e, n, k, spec))
+                          lambda: self.make.group_gemm_q(e, n, k, spec))
         self.sites += 1
         return relax.call_tir(gv, [x, indptr, *parts], call.ty)
 
@@ -118,10 +116,11 @@ def _part_vars(name: str, w: relax.Var, spec: QuantSpec):
             relax.Var(f"{name}.qmin", relax.TensorType([*lead, k // spec.group_size], spec.scale_dtype)))
 
 
-def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy,
+def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy, target_kernels,
         functions=("prefill", "decode")) -> tuple[tvm.IRModule, list[dict], PassReport]:
     """Returns the module, the new weight list (aligned with the step functions' weight inputs), and
-    the report: matched = readers rewritten per step function, expected = readers of those weights."""
+    the report: matched = readers rewritten per step function, expected = readers of those weights.
+    `target_kernels` builds the dequantizing kernels (the target's kernel module)."""
     report = PassReport(NAME)
     kernels = KernelTable()
 
@@ -141,7 +140,7 @@ def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy,
             quantized[var] = (spec, parts)
             params.extend(parts)
             step_weights.append({**w, "quant": spec.as_dict(), "parts": [str(p) for p in parts]})
-        rewriter = _Rewriter(mod, quantized, kernels)
+        rewriter = _Rewriter(mod, quantized, kernels, target_kernels)
         body = rewriter.visit_expr(func.body)
         new_func = relax.analysis.remove_all_unused(relax.Function(params, body, func.ret_ty, func.is_pure,
                                                                    func.attrs))

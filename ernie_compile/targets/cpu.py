@@ -12,12 +12,14 @@ from pathlib import Path
 import tvm
 
 from ..errors import UserError
+from . import cpu_kernels
 
 
 @dataclass(frozen=True)
 class CpuTarget:
     name = "cpu"
     device = "cpu"  # the runtime device type for artifacts of this target
+    kernels = cpu_kernels  # the kernels our passes call (linear, dequantizing, MoE, attention)
     triple: str | None = None  # None: this machine
     mcpu: str | None = None
 
@@ -53,7 +55,6 @@ class CpuTarget:
     def passes(self, mod: tvm.IRModule):
         """Target-specific Relax passes before the build: linears onto our scheduled kernels."""
         from ..passes import lower_linear_to_kernel
-        from . import cpu_kernels
 
         mod, report = lower_linear_to_kernel.run(mod, cpu_kernels.linear)
         return mod, [report]

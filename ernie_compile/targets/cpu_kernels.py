@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+SPECIALIZE_STATIC_M = False  # one linear_q kernel serves every M (decode and prefill alike)
+
 
 def vector_width(k: int) -> int:
     """Lanes of the accumulators: the widest of 16/8/4/1 that divides the reduction length."""
@@ -102,7 +104,7 @@ def _word_and_slot(c, spec):
     return c // per, c % per
 
 
-def linear_q(n: int, k: int, spec, dtype: str = "float32"):
+def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None):
     """y[M, N] = x[M, K] · dequant(W)ᵀ with W stored as packed codes + group scales/offsets
     (compiler/quantize.py). Decode (M = 1, lanes16) dequantizes in registers inside the dot
     product; otherwise each task dequantizes 4 weight rows into a buffer and runs the float GEMM
@@ -443,3 +445,10 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
                     T.if_then_else(state[1] > T.float32(0), state[1], T.float32(1)))
 
     return batch_prefill_ragged_kv
+
+
+def kv_cache_overrides(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int) -> dict:
+    """Kernels of TVM's paged KV cache to replace: its CPU attention kernels are one thread, scalar."""
+    heads = (num_kv_heads, num_qo_heads, head_dim, dtype)
+    return {"batch_decode_paged_kv_cpu": paged_decode_attention(*heads, page_size),
+            "batch_prefill_ragged_kv": ragged_prefill_attention(*heads)}
