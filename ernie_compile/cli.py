@@ -14,8 +14,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie-compile", description="Compile an ERNIE 4.5 checkpoint ahead of time.")
     p.add_argument("--model", help=f"Hugging Face checkpoint folder, or a preset with random weights "
                                    f"({', '.join(PRESETS)}); default: the embedded {DEFAULT_PRESET}")
-    p.add_argument("--target", default="cpu", help="cpu (this machine) or cpu:LLVM_TRIPLE, e.g. "
-                                                   "cpu:aarch64-linux-android (default: cpu)")
+    p.add_argument("--target", default="cpu", help="cpu (this machine), cpu:LLVM_TRIPLE (a cross build, e.g. "
+                                                   "cpu:aarch64-linux-android), cuda, metal (default: cpu)")
+    p.add_argument("--cuda-arch", help="GPU architectures of a cuda build, e.g. sm_80,sm_90 "
+                                       "(default: sm_80,sm_86,sm_89,sm_90)")
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
     p.add_argument("--max-seq-len", type=int, help="context limit, prompt + new tokens "
                                                    "(default: 2048 or the model's limit if smaller)")
@@ -53,7 +55,12 @@ def main(argv=None) -> int:
         from .compiler.options import CompileOptions
         from .compiler.pipeline import compile_model
 
-        opts = CompileOptions(output=args.output, model=args.model, target=args.target,
+        target = args.target
+        if args.cuda_arch:
+            if target.partition(":")[0] != "cuda":
+                raise UserError(f"--cuda-arch applies to --target cuda, not {target!r}")
+            target = f"cuda:{args.cuda_arch}"
+        opts = CompileOptions(output=args.output, model=args.model, target=target,
                               max_seq_len=args.max_seq_len, seed=args.seed, dump_ir=args.dump_ir,
                               fuse_attention=not args.no_fuse_attention,
                               preset_overrides=tuple(_override(o) for o in args.preset_override),

@@ -6,6 +6,7 @@ The reference is transformers eager with every quantized weight replaced by dequ
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -39,16 +40,23 @@ def test_lanes16_puts_16_consecutive_elements_in_one_slot_of_16_words():
         np.testing.assert_array_equal((words >> (4 * slot)) & 15, codes[16 * slot:16 * slot + 16])
 
 
+@pytest.mark.parametrize("kernels", ["cpu", "gpu"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("k", [96, 640])  # row layout; lanes16 for every bit width (640 = 16·40)
-def test_kernels_match_numpy_dequant(bits, k):
-    """linear_q, take_q and the quantized MoE group GEMM compute with exactly dequantize(W)."""
+def test_kernels_match_numpy_dequant(bits, k, kernels):
+    """linear_q, take_q and the quantized MoE group GEMM compute with exactly dequantize(W): the CPU
+    kernels as built, the GPU kernels' compute definitions (run here on the CPU, unscheduled)."""
+    import importlib
+
     import tvm
 
-    from ernie_compile.targets.cpu_kernels import group_gemm_q, linear_q, take_q
-
-    spec = QuantPolicy.parse(str(bits), symmetric=False).spec_for("model.layers.0.mlp.up_proj.weight", k)
-    assert spec.layout == ("lanes16" if k == 640 and k % (16 * spec.per_word) == 0 else "row")
+    module = importlib.import_module(f"ernie_compile.targets.{kernels}_kernels")
+    linear_q, take_q = module.linear_q, module.take_q
+    group_gemm_q = module.group_gemm_q if kernels == "cpu" else partial(module.group_gemm_q, schedule=False)
+    spec = QuantPolicy.parse(str(bits), symmetric=False).spec_for("model.layers.0.mlp.up_proj.weight", k,
+                                                                  module.QUANT_LAYOUTS)
+    lanes16 = k == 640 and k % (16 * spec.per_word) == 0 and "lanes16" in module.QUANT_LAYOUTS
+    assert spec.layout == ("lanes16" if lanes16 else "row")
     rng = np.random.default_rng(bits)
     n, m, experts = 12, 5, 3
     w = rng.standard_normal((experts, n, k)).astype(np.float32)
@@ -64,15 +72,16 @@ def test_kernels_match_numpy_dequant(bits, k):
 
     q0 = [np.ascontiguousarray(parts[p][0]) for p in ("qweight", "qscale", "qmin")]
     for rows in (1, m):  # decode (M = 1) and prefill take different paths
-        np.testing.assert_allclose(run(linear_q(n, k, spec), x[:rows], *q0, out_shape=(rows, n)), x[:rows] @ wd[0].T,
-                                   rtol=1e-4, atol=1e-4)
+        static = rows if module.SPECIALIZE_STATIC_M and rows == 1 else None
+        np.testing.assert_allclose(run(linear_q(n, k, spec, m=static), x[:rows], *q0, out_shape=(rows, n)),
+                                   x[:rows] @ wd[0].T, rtol=1e-4, atol=1e-4)
     ids = np.array([3, 0, 11, 3], np.int64)
     np.testing.assert_array_equal(run(take_q(n, k, spec), ids, *q0, out_shape=(4, k)), wd[0][ids])
     indptr = np.array([0, 2, 2, m], np.int64)  # expert 1 gets no rows
     expert_of = [0, 0, 2, 2, 2]
     ref = np.stack([wd[e] @ x[i] for i, e in enumerate(expert_of)])
-    got = run(group_gemm_q(experts, n, k, spec), x, indptr, parts["qweight"], parts["qscale"], parts["qmin"],
-              out_shape=(m, n))
+    got = run(group_gemm_q(experts, n, k, spec), x, indptr, np.array(expert_of, np.int64), parts["qweight"],
+              parts["qscale"], parts["qmin"], out_shape=(m, n))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 

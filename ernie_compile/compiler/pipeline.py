@@ -133,7 +133,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
 
     with package.staging(opts.output) as tmp:
         with stages("build"):
-            library = target.build(mod, tmp)
+            library, build_info = target.build(mod, tmp)
         with stages("package"):
             state = loaded.model.state_dict()
             order, recon_errors = package.write_weights(state, weights, tmp / "weights.safetensors")
@@ -150,6 +150,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 "versions": _versions(),
                 "dtype": "float32",
                 "library": library.name,
+                "kernels": build_info,
                 "functions": {"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
                 "weights": {"file": "weights.safetensors", "order": order,
                             "fused": {w["name"]: w["concat"] for w in weights if "concat" in w},
@@ -170,7 +171,8 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
 
     report = {"output": str(Path(opts.output).resolve()), "options": opts.as_dict(), "stages": stages.seconds,
-              "passes": manifest["passes"], "decode_kernels": kernels, "artifact_bytes": size,
+              "passes": manifest["passes"], "decode_kernels": kernels, "library_kernels": build_info,
+              "artifact_bytes": size,
               "accuracy": manifest.get("accuracy")}
     log(f"wrote {report['output']} ({size / 2**20:.1f} MiB) in {sum(stages.seconds.values()):.1f} s")
     if opts.report:

@@ -81,8 +81,9 @@ class QuantPolicy:
             raise UserError(f"--scale-dtype {scale_dtype}: float16 or float32")
         return cls(tuple(table.items()), group_size, symmetric, scale_dtype)
 
-    def spec_for(self, weight_name: str, k: int) -> QuantSpec | None:
-        """The spec for a weight by its transformers name, or None to keep it float."""
+    def spec_for(self, weight_name: str, k: int, layouts=("lanes16", "row")) -> QuantSpec | None:
+        """The spec for a weight by its transformers name, or None to keep it float. `layouts`: those
+        the target's kernels read, preferred first ("row" always works)."""
         category = category_of(weight_name)
         bits = dict(self.bits).get(category) if category else None
         if bits is None:
@@ -91,7 +92,7 @@ class QuantPolicy:
         while k % group:  # the largest power of two ≤ group_size dividing K
             group //= 2
         per = 32 // bits
-        lanes = k % (LANES * per) == 0 and group % LANES == 0
+        lanes = "lanes16" in layouts and k % (LANES * per) == 0 and group % LANES == 0
         return QuantSpec(bits, group, self.symmetric, self.scale_dtype, "lanes16" if lanes else "row")
 
     def as_dict(self) -> dict:

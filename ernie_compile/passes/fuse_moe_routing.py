@@ -64,7 +64,7 @@ def _fused_forward(block):
 
 def expected_sites(config) -> int:
     """How many layers ERNIE makes MoE: moe_layer_start_index ≤ i ≤ end, (i + 1) % interval == 0."""
-    if not hasattr(config, "moe_num_experts"):
+    if config.model_type != "ernie4_5_moe":  # a dense config may still carry moe_* keys
         return 0
     end = config.moe_layer_end_index if config.moe_layer_end_index >= 0 else config.num_hidden_layers - 1
     return sum(1 for i in range(config.num_hidden_layers)
@@ -118,10 +118,10 @@ def converter(report: PassReport, ctx):
                           lambda: group_gemm(num_experts, two_i, h, dtype))
         f_down = ctx.kernel(f"moe_group_gemm_{num_experts}x{h}x{inter}_{dtype}",
                             lambda: group_gemm(num_experts, h, inter, dtype))
-        gu = emit(relax.call_tir(f_up, [rows, indptr, gate_up], relax.TensorType((m, two_i), dtype)))  # [M, 2I]
+        gu = emit(relax.call_tir(f_up, [rows, indptr, sorted_e, gate_up], relax.TensorType((m, two_i), dtype)))  # [M, 2I]
         halves = emit(op.split(gu, 2, axis=1))
         act = emit(op.multiply(op.nn.silu(relax.TupleGetItem(halves, 0)), relax.TupleGetItem(halves, 1)))  # [M, I]
-        y = emit(relax.call_tir(f_down, [act, indptr, down], relax.TensorType((m, h), dtype)))  # [M, H]
+        y = emit(relax.call_tir(f_down, [act, indptr, sorted_e, down], relax.TensorType((m, h), dtype)))  # [M, H]
         y = emit(op.multiply(y, op.expand_dims(op.astype(op.take(op.reshape(weights, [m]), order), dtype), 1)))
         y = emit(op.take(y, op.argsort(order, dtype="int64"), axis=0))  # back to (token, slot) order
         report.matched += 1

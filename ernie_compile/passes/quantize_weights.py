@@ -4,8 +4,8 @@ For every weight input the policy quantizes (compiler/quantize.py), the input W 
 (packed codes, group scales, group offsets) and each reader of W becomes a kernel that dequantizes
 as it goes:
 
-    before:  y = R.matmul(x, R.permute_dims(W))       e = R.take(W, ids, axis=0)       R.call_tir(moe_group_gemm, (x, ptr, W))
-    after:   y = call_tir(linear_q, (x, Wq, Ws, Wm))   e = call_tir(take_q, (ids, Wq, Ws, Wm))   call_tir(moe_group_gemm_q, (x, ptr, Wq, Ws, Wm))
+    before:  y = R.matmul(x, R.permute_dims(W))       e = R.take(W, ids, axis=0)       R.call_tir(moe_group_gemm, (x, ptr, ids, W))
+    after:   y = call_tir(linear_q, (x, Wq, Ws, Wm))   e = call_tir(take_q, (ids, Wq, Ws, Wm))   call_tir(moe_group_gemm_q, (x, ptr, ids, Wq, Ws, Wm))
 
 Any other reader left after the rewrite is an error: no full-precision copy of a quantized weight
 may exist at run time. The weight list gains {"quant": spec, "parts": [...]} so the packager writes
@@ -96,7 +96,7 @@ class _Rewriter(relax.PyExprMutator):
         callee, args = call.args[0], call.args[1]
         if not (isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint.startswith("moe_group_gemm")):
             return call
-        x, indptr, w = args.fields
+        x, indptr, expert_ids, w = args.fields
         entry = self._weight(w)
         if entry is None:
             return call
@@ -105,7 +105,7 @@ class _Rewriter(relax.PyExprMutator):
         gv = self.kernels.get(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}",
                           lambda: self.make.group_gemm_q(e, n, k, spec))
         self.sites += 1
-        return relax.call_tir(gv, [x, indptr, *parts], call.ty)
+        return relax.call_tir(gv, [x, indptr, expert_ids, *parts], call.ty)
 
 
 def _part_vars(name: str, w: relax.Var, spec: QuantSpec):
@@ -131,7 +131,7 @@ def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy, target_kern
         n_in = int(func.attrs["num_input"])
         quantized, params, step_weights = {}, list(func.params[:n_in]), []
         for var, w in zip(func.params[n_in:], weights):
-            spec = policy.spec_for(w["name"], int(var.ty.shape[-1])) if len(var.ty.shape) >= 2 else None
+            spec = policy.spec_for(w["name"], int(var.ty.shape[-1]), target_kernels.QUANT_LAYOUTS) if len(var.ty.shape) >= 2 else None
             if spec is None:
                 params.append(var)
                 step_weights.append(w)

@@ -63,6 +63,25 @@ class GenerationResult:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
 
 
+def _serve_prebuilt_cuda(fatbin: Path, source_sha256: str) -> None:
+    """TVM's CUDA runtime compiles a library's kernel source when it loads it, through the hook
+    `tvm_callback_cuda_compile`. Answer it with the fatbin built at compile time (targets/cuda.py)
+    instead, so no CUDA compiler is needed here; a source that is not the one the fatbin was built
+    from is refused rather than compiled."""
+    import hashlib
+
+    import tvm_ffi
+
+    binary = fatbin.read_bytes()
+
+    def hook(code, *_):
+        if hashlib.sha256(code.encode()).hexdigest() != source_sha256:
+            raise UserError(f"{fatbin.parent}: the library's CUDA source does not match {fatbin.name}")
+        return bytearray(binary)
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", hook, override=True)
+
+
 class Session:
     def __init__(self, folder: str | Path, verify: bool = True):
         import tvm
@@ -71,9 +90,14 @@ class Session:
 
         self.folder = Path(folder)
         self.manifest = m = read_manifest(self.folder, verify=verify)
-        if not m["target"].get("runnable_here", True):
+        device = m["target"]["device"]
+        if device == "cpu" and not m["target"].get("runnable_here", True):
             raise UserError(f"{self.folder}: built for {m['target']['spec']}; it does not run on this machine")
-        self.device = tvm.runtime.device(m["target"]["device"], 0)
+        self.device = tvm.runtime.device(device, 0)
+        if device != "cpu" and not self.device.exist:
+            raise UserError(f"{self.folder}: built for {m['target']['spec']}; this machine has no {device} device")
+        if m.get("kernels", {}).get("fatbin"):
+            _serve_prebuilt_cuda(self.folder / m["kernels"]["fatbin"], m["kernels"]["source_sha256"])
         self._vm = VirtualMachine(tvm.runtime.load_module(str(self.folder / m["library"])), self.device)
         # one tensor at a time: the host copy of each is dropped once the device copy exists
         with safe_open(str(self.folder / m["weights"]["file"]), "np") as f:

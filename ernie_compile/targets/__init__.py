@@ -1,14 +1,16 @@
-"""Targets: one file each, one line in TARGETS. `--target NAME[:TRIPLE]` picks one."""
+"""Targets: one file each, one line in TARGETS. `--target NAME[:DETAIL]` picks one: the detail is an
+LLVM triple for cpu (cross builds), the GPU architectures for cuda (sm_80,sm_90)."""
 from __future__ import annotations
 
 from ..errors import UserError
 from .cpu import CpuTarget
+from .cuda import CudaTarget
 
-TARGETS = {"cpu": CpuTarget}
+TARGETS = {"cpu": CpuTarget, "cuda": CudaTarget}
 
 
 def get_target(spec: str):
-    """'cpu' or 'cpu:aarch64-linux-android' → a target object."""
+    """'cpu', 'cpu:aarch64-linux-android', 'cuda:sm_90' … → a target object."""
     name, _, triple = spec.partition(":")
     if name not in TARGETS:
         raise UserError(f"unknown target {spec!r}; targets: {', '.join(TARGETS)}")

@@ -59,10 +59,10 @@ class CpuTarget:
         mod, report = lower_linear_to_kernel.run(mod, cpu_kernels.linear)
         return mod, [report]
 
-    def build(self, mod: tvm.IRModule, out_dir: Path) -> Path:
+    def build(self, mod: tvm.IRModule, out_dir: Path) -> tuple[Path, dict]:
         """Compile with TVM's default CPU pipeline; write the library into out_dir."""
         target = self.tvm_target()
         executable = tvm.compile(mod, target=target)
         path = out_dir / self.library_name
         executable.export_library(str(path))
-        return path
+        return path, {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 SPECIALIZE_STATIC_M = False  # one linear_q kernel serves every M (decode and prefill alike)
+QUANT_LAYOUTS = ("lanes16", "row")  # packed-weight layouts the kernels read, preferred first
 
 
 def vector_width(k: int) -> int:
@@ -193,14 +194,15 @@ def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
 def group_gemm(num_experts: int, n: int, k: int, dtype: str):
     """y[i, :] = w[e] @ x[i, :] for the rows i in expert e's segment [indptr[e], indptr[e+1]).
 
-    x [M, K] rows sorted by expert, indptr [E+1], w [E, N, K] → y [M, N]. Empty segments cost nothing,
+    x [M, K] rows sorted by expert, indptr [E+1], w [E, N, K] → y [M, N]. (The rows' expert ids, the
+    GPU kernels' view of the same segments, are passed too and not read here.) Empty segments cost nothing,
     so a step reads only the chosen experts' weights. Parallel over output columns, vector
     accumulators over K (as targets/cpu_kernels.linear).
     """
     vw = vector_width(k)
 
     @T.prim_func(private=True)
-    def moe_group_gemm(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"),
+    def moe_group_gemm(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"), var_expert_ids: T.handle,
                        w: T.Buffer((num_experts, n, k), dtype), var_y: T.handle):
         T.func_attr({"tir.noalias": True, "op_pattern": 8})  # opaque: never fused into
         m = T.int64()
@@ -234,7 +236,7 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32")
     lanes16 = spec.layout == "lanes16"
 
     @T.prim_func(private=True)
-    def moe_group_gemm_q(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"),
+    def moe_group_gemm_q(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"), var_expert_ids: T.handle,
                          qw: T.Buffer((num_experts, n, words), "uint32"), qs: T.Buffer((num_experts, n, groups), sdt),
                          qm: T.Buffer((num_experts, n, groups), sdt), var_y: T.handle):
         T.func_attr({"tir.noalias": True, "op_pattern": 8})  # opaque: never fused into

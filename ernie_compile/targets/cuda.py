@@ -1,0 +1,133 @@
+"""NVIDIA GPUs through TVM's CUDA codegen, compiled with nvcc at build time.
+
+In this TVM wheel a CUDA library carries CUDA *source*: when it is loaded, TVM's runtime hands the
+source to a compile hook (`tvm_callback_cuda_compile`, NVRTC by default), so a deployed runtime would
+need a CUDA compiler. We compile at build time instead: `nvcc --fatbin` with SASS for every
+requested architecture plus PTX for the newest (a newer GPU's driver JITs that; no toolkit needed),
+written next to the library as `kernels.fatbin` with the sha256 of the source it was made from. The
+runtime (runtime/session.py) answers the load-time hook with that fatbin, after checking the source
+hash, so nothing is compiled on the user's machine.
+`--target cuda:sm_80,sm_90` (or `--cuda-arch`) picks the architectures; the default is DEFAULT_ARCHS.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+
+from ..errors import UserError
+from . import gpu_build, gpu_kernels
+
+DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # A100, RTX 30xx/A10, L4/RTX 40xx, H100
+FATBIN = "kernels.fatbin"
+
+
+def _parse_archs(text: str) -> tuple[str, ...]:
+    archs = tuple(a.strip() for a in text.split(",") if a.strip())
+    bad = [a for a in archs if not re.fullmatch(r"sm_\d{2,3}a?", a)]
+    if not archs or bad:
+        raise UserError(f"--target cuda:{text}: architectures look like sm_80,sm_90 (got {', '.join(bad) or 'none'})")
+    return archs
+
+
+def nvcc_fatbin(code: str, archs: tuple[str, ...]) -> bytes:
+    """CUDA source → a fatbin with SASS for each arch and PTX for the last."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise UserError("--target cuda needs nvcc on the PATH to compile the kernels at build time")
+    flags = [f"-gencode=arch=compute_{a[3:]},code=sm_{a[3:]}" for a in archs]
+    flags.append(f"-gencode=arch=compute_{archs[-1][3:]},code=compute_{archs[-1][3:]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
+        src.write_text(code)
+        proc = subprocess.run([nvcc, "--fatbin", "-O3", *flags, "-o", str(out), str(src)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"nvcc failed:\n{proc.stderr[-4000:]}")
+        return out.read_bytes()
+
+
+@dataclass(frozen=True)
+class CudaTarget:
+    name = "cuda"
+    device = "cuda"
+    kernels = gpu_kernels
+    library_name = "lib.so"
+    archs: tuple[str, ...] = DEFAULT_ARCHS
+
+    @classmethod
+    def from_spec(cls, archs: str | None) -> "CudaTarget":
+        return cls(_parse_archs(archs)) if archs else cls()
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{','.join(self.archs)}"
+
+    @property
+    def runnable_here(self) -> bool:
+        return _has_cuda_device()
+
+    def tvm_target(self) -> tvm.target.Target:
+        return tvm.target.Target({"kind": "cuda", "arch": self.archs[0], "max_shared_memory_per_block": 49152,
+                                  "max_threads_per_block": 1024, "thread_warp_size": 32}, host="llvm")
+
+    def passes(self, mod: tvm.IRModule):
+        return mod, []  # linears stay Relax matmuls: dlight's GEMV / Matmul rules schedule them
+
+    def schedule_rules(self):
+        from tvm.s_tir import dlight as dl
+
+        return (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+
+    def build(self, mod: tvm.IRModule, out_dir: Path) -> tuple[Path, dict]:
+        target = self.tvm_target()
+        mod, kernels = gpu_build.schedule(mod, target, self.schedule_rules())
+        executable = gpu_build.lower_and_build(mod, target, kernels)
+        source = cuda_source(executable.mod)
+        (out_dir / FATBIN).write_bytes(nvcc_fatbin(source, self.archs))
+        path = out_dir / self.library_name
+        executable.export_library(str(path))
+        return path, {**kernels.as_dict(), "archs": list(self.archs), "fatbin": FATBIN,
+                      "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
+
+
+def fatbin_entries(data: bytes) -> list[tuple[str, int]]:
+    """(kind, sm) of each image in a fatbin: kind "sass" (a cubin) or "ptx". The container header
+    (magic 0xBA55ED50) and each image header's kind/size/arch fields are read; payloads are not."""
+    magic, _, header, size = struct.unpack_from("<IHHQ", data, 0)
+    if magic != 0xBA55ED50:
+        raise ValueError("not a fatbin")
+    entries, off = [], header
+    while off < header + size:
+        kind, _, entry_header, padded = struct.unpack_from("<HHIQ", data, off)
+        entries.append(({1: "ptx", 2: "sass"}.get(kind, str(kind)), struct.unpack_from("<I", data, off + 28)[0]))
+        off += entry_header + padded
+    return entries
+
+
+def cuda_source(module) -> str:
+    """The CUDA source of the (one) CUDA module under a built library."""
+    found = [m for m in _walk(module) if m.kind == "cuda"]
+    if len(found) != 1:
+        raise RuntimeError(f"expected one CUDA module in the build, found {len(found)}")
+    return found[0].inspect_source()
+
+
+def _walk(module):
+    yield module
+    for m in module.imports:
+        yield from _walk(m)
+
+
+def _has_cuda_device() -> bool:
+    try:
+        return bool(tvm.runtime.device("cuda", 0).exist)
+    except Exception:
+        return False

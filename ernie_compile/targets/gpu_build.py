@@ -1,0 +1,71 @@
+"""What the GPU targets share: TVM's GPU pipeline with a check in the middle.
+
+The pipeline is TVM's own (library dispatch: GPU sort/top-k; legalize; fuse; dlight schedule rules;
+lower), split after scheduling so the build can list every kernel and refuse unscheduled ones: on a
+GPU an unscheduled kernel runs on one thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax, tirx
+
+from ..errors import InternalError
+
+
+@dataclass
+class KernelReport:
+    """Every device kernel of the library, and those without a thread binding."""
+
+    kernels: list[str] = field(default_factory=list)
+    unscheduled: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"count": len(self.kernels), "unscheduled": len(self.unscheduled), "names": sorted(self.kernels)}
+
+
+def _is_bound(func: tirx.PrimFunc) -> bool:
+    """Whether any loop of `func` is bound to a GPU thread axis (the wheel has no Python TIR visitor:
+    read the printed form)."""
+    text = func.script()
+    return "blockIdx." in text or "threadIdx." in text
+
+
+def schedule(mod: tvm.IRModule, target: tvm.target.Target, rules) -> tuple[tvm.IRModule, KernelReport]:
+    """Relax module → every PrimFunc legalized, fused and scheduled by `rules` (dlight), plus the
+    kernel report. Functions that arrive scheduled (ours, TVM's KV cache) are left as they are."""
+    from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+    from tvm.s_tir import dlight as dl
+
+    passes = [*cuda_pipeline.library_dispatch_passes(target),
+              relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+              dl.ApplyDefaultSchedule(*rules),
+              relax.transform.DeadCodeElimination()]
+    with target:
+        mod = tvm.transform.Sequential(passes)(mod)
+    report = KernelReport()
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            report.kernels.append(gv.name_hint)
+            if not _is_bound(func):
+                report.unscheduled.append(gv.name_hint)
+    return mod, report
+
+
+def lower_and_build(mod: tvm.IRModule, target: tvm.target.Target, report: KernelReport):
+    """The scheduled module → a TVM executable (the rest of TVM's GPU pipeline)."""
+    if report.unscheduled:
+        raise InternalError(f"{len(report.unscheduled)} kernels left unscheduled: {report.unscheduled[:5]}")
+    from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+
+    rest = tvm.transform.Sequential([*cuda_pipeline.dataflow_lower_passes(target),
+                                     *cuda_pipeline.finalize_passes(target)])
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(m, _ctx):
+        with target:
+            return rest(m)
+
+    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
