@@ -19,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-arch", help="GPU architectures of a cuda build, e.g. sm_80,sm_90 "
                                        "(default: sm_80,sm_86,sm_89,sm_90)")
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
+    p.add_argument("--dtype", choices=["float32", "float16"],
+                   help="activations and float weights (default: float32 on cpu, float16 on GPU targets)")
     p.add_argument("--max-seq-len", type=int, help="context limit, prompt + new tokens "
                                                    "(default: 2048 or the model's limit if smaller)")
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
             target = f"cuda:{args.cuda_arch}"
         opts = CompileOptions(output=args.output, model=args.model, target=target,
                               max_seq_len=args.max_seq_len, seed=args.seed, dump_ir=args.dump_ir,
-                              fuse_attention=not args.no_fuse_attention,
+                              fuse_attention=not args.no_fuse_attention, dtype=args.dtype,
                               preset_overrides=tuple(_override(o) for o in args.preset_override),
                               report=args.report, bits=args.bits, embed_bits=args.embed_bits,
                               group_size=args.group_size, symmetric=not args.asymmetric,

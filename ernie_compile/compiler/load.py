@@ -110,3 +110,17 @@ def load(model: str | None, seed: int = 0, overrides: dict | None = None) -> Loa
     if overrides:
         raise UserError("--preset-override applies to presets only, not to checkpoint folders")
     return load_checkpoint(Path(model))
+
+
+def cast(model, dtype: str) -> None:
+    """Cast the model to `dtype` in place, keeping in float32 what transformers keeps there (the
+    MoE router and its correction bias: `_keep_in_fp32_modules_strict`), as from_pretrained does."""
+    import torch
+
+    if dtype == "float32":
+        return
+    model.to(getattr(torch, dtype))
+    keep = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    for name, p in model.named_parameters():
+        if keep and any(name.endswith(k) or f".{k}." in name for k in keep):
+            p.data = p.data.float()

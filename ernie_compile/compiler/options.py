@@ -14,12 +14,13 @@ class CompileOptions:
     seed: int = 0  # random weights of presets
     preset_overrides: tuple[tuple[str, int | float], ...] = ()  # config fields changed in a preset
     fuse_attention: bool = True
+    dtype: str | None = None  # activations and float weights; None: the target's default
     # weight quantization (compiler/quantize.py): None = float32 weights
     bits: str | None = None  # "4", or per category "experts=2,attn=4,mlp=4,embed=8"
     embed_bits: int | None = None  # the embedding / lm_head, overriding --bits
     group_size: int = 32
     symmetric: bool = True
-    scale_dtype: str = "float16"  # False: the unfused attention route, a baseline for benchmarks
+    scale_dtype: str = "float16"
     dump_ir: Path | None = None
     report: Path | None = None
 

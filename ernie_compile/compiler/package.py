@@ -60,14 +60,15 @@ def write_weights(state: dict, weights: list[dict], path: Path) -> tuple[list[st
 
     from .quantize import QuantSpec, dequantize, quantize
 
-    def array(name):
-        return state[name].detach().float().numpy()
+    def array(name):  # in the dtype the model was cast to (float32 router kept so)
+        return state[name].detach().numpy()
 
     arrays, order, errors = {}, [], {}
     for w in weights:
         value = np.concatenate([array(n) for n in w["concat"]]) if "concat" in w else array(w["name"])
         if "quant" in w:
             spec = QuantSpec(**w["quant"])
+            value = value.astype(np.float32)
             packed = quantize(value, spec)
             diff = dequantize(packed, spec, value.shape[-1]) - value
             errors[w["name"]] = float(np.linalg.norm(diff) / max(np.linalg.norm(value), 1e-30))

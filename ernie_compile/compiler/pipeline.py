@@ -88,6 +88,10 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
     if opts.max_seq_len is not None and opts.max_seq_len < 2:
         raise UserError(f"--max-seq-len {opts.max_seq_len}: must be at least 2")
+    dtype = opts.dtype or target.dtypes[0]
+    if dtype not in target.dtypes:
+        raise UserError(f"--dtype {dtype}: target {target.name} computes in {' or '.join(target.dtypes)}")
+    opts = dataclasses.replace(opts, dtype=dtype)
     package.check_output(opts.output)
     stages = _Stages(log)
     dump = Path(opts.dump_ir) if opts.dump_ir else None
@@ -107,7 +111,9 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     log("options: " + json.dumps(opts.as_dict()))
 
     from .capture import capture
+    from .load import cast
 
+    cast(loaded.model, dtype)
     passes = select_passes(config, fuse_attention=opts.fuse_attention)
     with stages("capture"):
         captured = capture(loaded.model, opts.max_seq_len, passes)
@@ -118,7 +124,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     from .lower import lower
 
     with stages("lower"):
-        mod, pass_reports, weights = lower(captured, config, target, passes)
+        mod, pass_reports, weights = lower(captured, config, target, passes, dtype)
         if policy:
             mod, weights, qreport = quantize_weights.run(mod, weights, policy, target.kernels)
             pass_reports.append(qreport)
@@ -148,7 +154,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 "target": {"spec": target.spec, "device": target.device, "tvm": str(tvm_target),
                            "runnable_here": target.runnable_here},
                 "versions": _versions(),
-                "dtype": "float32",
+                "dtype": dtype,
                 "library": library.name,
                 "kernels": build_info,
                 "functions": {"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},

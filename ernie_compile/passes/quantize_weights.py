@@ -50,27 +50,40 @@ class _Rewriter(relax.PyExprMutator):
     def _weight(self, expr):
         return self.quantized.get(expr) if isinstance(expr, relax.Var) else None
 
+    def _producer(self, expr, op_name: str):
+        """The call of `op_name` that produced `expr` (through its binding), or None."""
+        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        if isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name == op_name:
+            return bound
+        return None
+
     def _linear(self, call):
         x, wt = call.args
-        bound = self.lookup_binding(wt) if isinstance(wt, relax.Var) else wt
-        if not (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op)
-                and bound.op.name == "relax.permute_dims"):
+        # W read as permute_dims(W); the importer may add a cast to x's dtype on either side of it
+        cast = self._producer(wt, "relax.astype")
+        bound = self._producer(cast.args[0] if cast is not None else wt, "relax.permute_dims")
+        if bound is None:
             return call
-        entry = self._weight(bound.args[0])
+        weight = bound.args[0]
+        inner = self._producer(weight, "relax.astype")
+        entry = self._weight(inner.args[0] if inner is not None else weight)
         if entry is None:
             return call
         spec, parts = entry
-        n, k = (int(d) for d in bound.args[0].ty.shape)
+        n, k = (int(d) for d in weight.ty.shape)
         lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
         m = 1
         for d in lead:
             m = m * d
         # GPU targets schedule M = 1 (decode, a GEMV) and M symbolic (prefill, a GEMM) differently
         static_m = int(m) if self.make.SPECIALIZE_STATIC_M and isinstance(m, (int, tirx.IntImm)) else None
-        gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{n}x{k}" + (f"_m{static_m}" if static_m else ""),
-                              lambda: self.make.linear_q(n, k, spec, m=static_m))
+        # the importer may accumulate a float16 linear in float32 (matmul out_dtype): keep its output type
+        out = {"out_dtype": call.ty.dtype} if call.ty.dtype != x.ty.dtype else {}
+        gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{n}x{k}_{x.ty.dtype}" + (f"_m{static_m}" if static_m else "")
+                              + (f"_{call.ty.dtype}" if out else ""),
+                              lambda: self.make.linear_q(n, k, spec, x.ty.dtype, m=static_m, **out))
         y = relax.call_tir(gv, [self.builder_.emit(relax.op.reshape(x, [m, k])), *parts],
-                           relax.TensorType((m, n), x.ty.dtype))
+                           relax.TensorType((m, n), call.ty.dtype))
         self.sites += 1
         return relax.op.reshape(self.builder_.emit(y), [*lead, n])
 
@@ -86,9 +99,10 @@ class _Rewriter(relax.PyExprMutator):
         for d in shape:
             t = t * d
         flat = self.builder_.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [t]))
-        gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_{vocab}x{dim}",
-                          lambda: self.make.take_q(vocab, dim, spec))
-        out = self.builder_.emit(relax.call_tir(gv, [flat, *parts], relax.TensorType((t, dim), "float32")))
+        dtype = call.args[0].ty.dtype
+        gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_{vocab}x{dim}_{dtype}",
+                              lambda: self.make.take_q(vocab, dim, spec, dtype))
+        out = self.builder_.emit(relax.call_tir(gv, [flat, *parts], relax.TensorType((t, dim), dtype)))
         self.sites += 1
         return relax.op.reshape(out, [*shape, dim])
 
@@ -102,8 +116,9 @@ class _Rewriter(relax.PyExprMutator):
             return call
         spec, parts = entry
         e, n, k = (int(d) for d in w.ty.shape)
-        gv = self.kernels.get(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}",
-                          lambda: self.make.group_gemm_q(e, n, k, spec))
+        dtype = x.ty.dtype
+        gv = self.kernels.get(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}_{dtype}",
+                              lambda: self.make.group_gemm_q(e, n, k, spec, dtype))
         self.sites += 1
         return relax.call_tir(gv, [x, indptr, expert_ids, *parts], call.ty)
 

@@ -142,7 +142,7 @@ class Session:
         logits = fn(tokens, positions, self._kv, *self._weights)
         self._kv_end(self._kv)
         self.length += n
-        return logits.numpy()[0]
+        return logits.numpy()[0].astype(np.float32)
 
     def generate(self, prompt: list[int], max_new_tokens: int, sampler: Sampler = Sampler(),
                  stop_at_eos: bool = True, on_token=None) -> GenerationResult:

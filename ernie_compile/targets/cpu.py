@@ -18,6 +18,7 @@ from . import cpu_kernels
 @dataclass(frozen=True)
 class CpuTarget:
     name = "cpu"
+    dtypes = ("float32",)  # activation / float-weight dtypes, the default first
     device = "cpu"  # the runtime device type for artifacts of this target
     kernels = cpu_kernels  # the kernels our passes call (linear, dequantizing, MoE, attention)
     triple: str | None = None  # None: this machine

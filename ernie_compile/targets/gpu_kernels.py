@@ -44,8 +44,10 @@ def _dequant(qw, qs, qm, lead: tuple, c, spec, dtype: str):
             + T.cast(qm[(*lead, g)], dtype))
 
 
-def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None):
-    """y[M, N] = x[M, K] · dequant(W)ᵀ; M = `m` if static (decode), else symbolic. Left to dlight."""
+def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None, out_dtype: str | None = None):
+    """y[M, N] = x[M, K] · dequant(W)ᵀ; M = `m` if static (decode), else symbolic; accumulated and
+    returned in `out_dtype` (default: dtype). Left to dlight."""
+    out_dtype = out_dtype or dtype
     n, k, words, groups = _i64(n, k, spec.words(k), k // spec.group_size)
     sdt = spec.scale_dtype
     rows = tirx.Var("m", "int64") if m is None else _i64(m)[0]
@@ -55,7 +57,7 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None)
                      qm: T.Buffer((n, groups), sdt), var_y: T.handle):
         T.func_attr({"tir.noalias": True})
         x = T.match_buffer(var_x, (rows, k), dtype)
-        y = T.match_buffer(var_y, (rows, n), dtype)
+        y = T.match_buffer(var_y, (rows, n), out_dtype)
         w = T.sblock_alloc_buffer((n, k), dtype)
         for j, c in T.grid(n, k):
             with T.sblock("dequantize"):
@@ -65,8 +67,8 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None)
             with T.sblock("matmul"):
                 vi, vj, vc = T.axis.remap("SSR", [i, j, c])
                 with T.init():
-                    y[vi, vj] = T.cast(0, dtype)
-                y[vi, vj] = y[vi, vj] + x[vi, vc] * w[vj, vc]
+                    y[vi, vj] = T.cast(0, out_dtype)
+                y[vi, vj] = y[vi, vj] + T.cast(x[vi, vc], out_dtype) * T.cast(w[vj, vc], out_dtype)
 
     return gpu_linear_q
 
