@@ -1,12 +1,14 @@
 """Targets: one file each, one line in TARGETS. `--target NAME[:DETAIL]` picks one: the detail is an
-LLVM triple for cpu (cross builds), the GPU architectures for cuda (sm_80,sm_90)."""
+LLVM triple for cpu (cross builds), the GPU architectures for cuda (sm_80,sm_90),
+macos or ios for metal."""
 from __future__ import annotations
 
 from ..errors import UserError
 from .cpu import CpuTarget
 from .cuda import CudaTarget
+from .metal import MetalTarget
 
-TARGETS = {"cpu": CpuTarget, "cuda": CudaTarget}
+TARGETS = {"cpu": CpuTarget, "cuda": CudaTarget, "metal": MetalTarget}
 
 
 def get_target(spec: str):

@@ -27,6 +27,7 @@ from . import gpu_build, gpu_kernels
 
 DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # A100, RTX 30xx/A10, L4/RTX 40xx, H100
 FATBIN = "kernels.fatbin"
+SOURCE = "kernels.cu"  # the CUDA source the fatbin was built from, for inspection (the library embeds it)
 SCHEDULE_ARCH = "sm_60"
 
 
@@ -94,11 +95,12 @@ class CudaTarget:
         # path crashes in this TVM wheel: schedule as for sm_60 (SIMT matmuls), build for the archs.
         mod, kernels = gpu_build.schedule(mod, self.tvm_target(SCHEDULE_ARCH), self.schedule_rules())
         executable = gpu_build.lower_and_build(mod, target, kernels)
-        source = cuda_source(executable.mod)
+        source = gpu_build.device_source(executable.mod, "cuda")
         (out_dir / FATBIN).write_bytes(nvcc_fatbin(source, self.archs))
+        (out_dir / SOURCE).write_text(source)
         path = out_dir / self.library_name
         executable.export_library(str(path))
-        return path, {**kernels.as_dict(), "archs": list(self.archs), "fatbin": FATBIN,
+        return path, {**kernels.as_dict(), "archs": list(self.archs), "fatbin": FATBIN, "source": SOURCE,
                       "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
 
 
@@ -114,20 +116,6 @@ def fatbin_entries(data: bytes) -> list[tuple[str, int]]:
         entries.append(({1: "ptx", 2: "sass"}.get(kind, str(kind)), struct.unpack_from("<I", data, off + 28)[0]))
         off += entry_header + padded
     return entries
-
-
-def cuda_source(module) -> str:
-    """The CUDA source of the (one) CUDA module under a built library."""
-    found = [m for m in _walk(module) if m.kind == "cuda"]
-    if len(found) != 1:
-        raise RuntimeError(f"expected one CUDA module in the build, found {len(found)}")
-    return found[0].inspect_source()
-
-
-def _walk(module):
-    yield module
-    for m in module.imports:
-        yield from _walk(m)
 
 
 def _has_cuda_device() -> bool:

@@ -69,3 +69,17 @@ def lower_and_build(mod: tvm.IRModule, target: tvm.target.Target, report: Kernel
             return rest(m)
 
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+
+
+def device_source(module, kind: str) -> str:
+    """The source of the one device module of `kind` ("cuda", "metal") under a built library."""
+    found = [m for m in _walk(module) if m.kind == kind]
+    if len(found) != 1:
+        raise InternalError(f"expected one {kind} module in the build, found {len(found)}")
+    return found[0].inspect_source()
+
+
+def _walk(module):
+    yield module
+    for m in module.imports:
+        yield from _walk(m)
