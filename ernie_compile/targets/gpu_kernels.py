@@ -108,6 +108,7 @@ def _schedule_gemv(func, block: str, lanes: int = 32, rows_per_block: int = 4):
     sch.bind(ji, "threadIdx.y")
     sch.bind(ci, "threadIdx.x")
     # scheduled by hand: dlight must leave it alone, and fusion must not merge it into a new function
+    # (op_pattern 8, opaque: TVM's FuseTIR also mishandles our symbolic-shape kernels when fusing)
     return sch.mod["main"].with_attrs({"tir.is_scheduled": True, "op_pattern": 8})
 
 
@@ -131,7 +132,7 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str, schedule: bool = Tr
                     y[vi, vj] = T.cast(0, dtype)
                 y[vi, vj] = y[vi, vj] + x[vi, vc] * w[expert_ids[vi], vj, vc]
 
-    return _schedule_gemv(moe_group_gemm, "gemm") if schedule else moe_group_gemm
+    return _schedule_gemv(moe_group_gemm, "gemm") if schedule else moe_group_gemm.with_attr("op_pattern", 8)
 
 
 def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32", schedule: bool = True):
@@ -155,5 +156,5 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32",
                     y[vi, vj] = T.cast(0, dtype)
                 y[vi, vj] = y[vi, vj] + x[vi, vc] * _dequant(qw, qs, qm, (expert_ids[vi], vj), vc, spec, dtype)
 
-    return _schedule_gemv(moe_group_gemm_q, "gemm") if schedule else moe_group_gemm_q
+    return _schedule_gemv(moe_group_gemm_q, "gemm") if schedule else moe_group_gemm_q.with_attr("op_pattern", 8)
 
