@@ -35,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=32, help="values per scale (default 32)")
     q.add_argument("--asymmetric", action="store_true", help="per-group offset instead of symmetric codes")
     q.add_argument("--scale-dtype", default="float16", choices=["float16", "float32"])
+    t = p.add_argument_group("schedule tuning (measured on this machine, kept in a database)")
+    t.add_argument("--tune", action="store_true", help="measure the schedule candidates the database lacks")
+    t.add_argument("--tuning-db", type=Path, help="tuning database (JSON lines; default with --tune: "
+                                                  "~/.cache/ernie-compile/tuning-db.jsonl); without --tune: "
+                                                  "use its best schedules, search nothing")
+    t.add_argument("--tune-trials", type=int, help="at most this many measurements in this compile")
+    t.add_argument("--tune-minutes", type=float, help="stop measuring after this many minutes")
     p.add_argument("--dump-ir", type=Path, help="write each phase's IR into this folder")
     p.add_argument("--report", type=Path, help="write stage timings and pass counts as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -68,7 +75,8 @@ def main(argv=None) -> int:
                               preset_overrides=tuple(_override(o) for o in args.preset_override),
                               report=args.report, bits=args.bits, embed_bits=args.embed_bits,
                               group_size=args.group_size, symmetric=not args.asymmetric,
-                              scale_dtype=args.scale_dtype)
+                              scale_dtype=args.scale_dtype, tune=args.tune, tuning_db=args.tuning_db,
+                              tune_trials=args.tune_trials, tune_minutes=args.tune_minutes)
         if args.quiet:
             import transformers
 

@@ -21,6 +21,11 @@ class CompileOptions:
     group_size: int = 32
     symmetric: bool = True
     scale_dtype: str = "float16"
+    # schedule tuning (compiler/tuning.py)
+    tune: bool = False  # measure the schedule candidates the database lacks
+    tuning_db: Path | None = None
+    tune_trials: int | None = None  # measurement budget of this compile
+    tune_minutes: float | None = None
     dump_ir: Path | None = None
     report: Path | None = None
 

@@ -31,6 +31,7 @@ from .options import CompileOptions
 from .quantize import QuantPolicy
 
 DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_TUNING_DB = Path.home() / ".cache" / "ernie-compile" / "tuning-db.jsonl"
 
 
 class _Stages:
@@ -81,6 +82,18 @@ def _log_accuracy(acc: dict, log) -> None:
     log(line)
 
 
+def _tuner(opts: CompileOptions, log):
+    from .tuning import Tuner, TuningDB
+
+    if opts.tuning_db is None:
+        return Tuner()
+    db = TuningDB.open(opts.tuning_db)
+    if opts.tune:
+        log(f"tuning: measuring missing schedule candidates on this machine into {db.path}")
+    return Tuner(db, search=opts.tune, max_trials=opts.tune_trials, log=log,
+                 max_seconds=opts.tune_minutes * 60 if opts.tune_minutes else None)
+
+
 def compile_model(opts: CompileOptions, log=print) -> dict:
     """Compile per `opts`; returns the report (also written to opts.report). Raises UserError."""
     target = get_target(opts.target)
@@ -92,6 +105,12 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     if dtype not in target.dtypes:
         raise UserError(f"--dtype {dtype}: target {target.name} computes in {' or '.join(target.dtypes)}")
     opts = dataclasses.replace(opts, dtype=dtype)
+    if opts.tune and opts.tuning_db is None:
+        opts = dataclasses.replace(opts, tuning_db=DEFAULT_TUNING_DB)
+    if opts.tune and not target.runnable_here:
+        raise UserError(f"--tune measures kernels on this machine; a {target.spec} build does not run here "
+                        f"(tune on the device, then pass --tuning-db)")
+    tuner = _tuner(opts, log)
     package.check_output(opts.output)
     stages = _Stages(log)
     dump = Path(opts.dump_ir) if opts.dump_ir else None
@@ -128,10 +147,12 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
         if policy:
             mod, weights, qreport = quantize_weights.run(mod, weights, policy, target.kernels)
             pass_reports.append(qreport)
-        mod, target_reports = target.passes(mod)
+        mod, target_reports = target.passes(mod, tuner)
         pass_reports += target_reports
         kernels = count_kernels(mod, "decode")
     log(f"  decode step: {kernels['tir']} TIR kernels, {kernels['builtin']} runtime builtin calls")
+    if opts.tuning_db:
+        log(f"  tuning: {tuner.stats}")
     for r in pass_reports:
         log(f"  pass {r}")
     if dump:
@@ -167,6 +188,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                 "tokenizer": {"files": tokenizer_files, "bos_token_id": config.bos_token_id,
                               "eos_token_ids": eos if isinstance(eos, list) else [eos]},
                 "passes": {r.name: {"matched": r.matched, "expected": r.expected} for r in pass_reports},
+                "tuning": tuner.report() if opts.tuning_db else None,
             }
             package.write_manifest(tmp, manifest)
         if policy:
@@ -179,7 +201,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     report = {"output": str(Path(opts.output).resolve()), "options": opts.as_dict(), "stages": stages.seconds,
               "passes": manifest["passes"], "decode_kernels": kernels, "library_kernels": build_info,
               "artifact_bytes": size,
-              "accuracy": manifest.get("accuracy")}
+              "accuracy": manifest.get("accuracy"), "tuning": manifest["tuning"]}
     log(f"wrote {report['output']} ({size / 2**20:.1f} MiB) in {sum(stages.seconds.values()):.1f} s")
     if opts.report:
         Path(opts.report).write_text(json.dumps(report, indent=2) + "\n")

@@ -53,11 +53,19 @@ class CpuTarget:
         except Exception as e:  # TVM reports unknown triples as generic errors
             raise UserError(f"target {self.spec!r}: LLVM does not accept it ({str(e).splitlines()[0]})") from None
 
-    def passes(self, mod: tvm.IRModule):
-        """Target-specific Relax passes before the build: linears onto our scheduled kernels."""
+    def passes(self, mod: tvm.IRModule, tuner=None):
+        """Target-specific Relax passes before the build: linears onto our scheduled kernels, with
+        the schedule parameters `tuner` (compiler/tuning.py) picks, else the defaults."""
         from ..passes import lower_linear_to_kernel
 
-        mod, report = lower_linear_to_kernel.run(mod, cpu_kernels.linear)
+        tunable, target = cpu_kernels.TUNABLE["linear"], str(self.tvm_target())
+
+        def make(n, k, dtype):
+            key = {"target": target, "kernel": "linear", "shape": [n, k], "dtype": str(dtype), "quant": None}
+            params = tuner.params(tunable, key) if tuner else tunable["default"]
+            return cpu_kernels.linear(n, k, dtype, **params)
+
+        mod, report = lower_linear_to_kernel.run(mod, make)
         return mod, [report]
 
     def build(self, mod: tvm.IRModule, out_dir: Path) -> tuple[Path, dict]:

@@ -7,6 +7,7 @@ accumulators over the reduction axis, so LLVM emits wide FMAs (AVX-512 on this m
 """
 from __future__ import annotations
 
+import numpy as np
 from tvm.script import tirx as T
 
 SPECIALIZE_STATIC_M = False  # one linear_q kernel serves every M (decode and prefill alike)
@@ -18,12 +19,11 @@ def vector_width(k: int) -> int:
     return next(v for v in (16, 8, 4, 1) if k % v == 0)
 
 
-def _gemm_columns(k: int, jb: int, dtype: str):
-    """A TIR macro: y[:, col:col+jb] = x[M, K] · w[wrow:wrow+jb, K]ᵀ. Blocks of 4 rows of x × jb weight
-    rows share their loads (4×jb 16-lane accumulators); leftover rows (and decode) go one at a time."""
+def _gemm_columns(k: int, jb: int, dtype: str, ib: int = 4):
+    """A TIR macro: y[:, col:col+jb] = x[M, K] · w[wrow:wrow+jb, K]ᵀ. Blocks of ib rows of x × jb weight
+    rows share their loads (ib×jb 16-lane accumulators); leftover rows (and decode) go one at a time."""
     vw = vector_width(k)
     kv = k // vw
-    ib = 4
 
     @T.macro
     def gemm_columns(x, w, wrow, y, col, m):
@@ -59,11 +59,12 @@ def _gemm_columns(k: int, jb: int, dtype: str):
     return gemm_columns
 
 
-def linear(n: int, k: int, dtype: str = "float32"):
-    """y[M, N] = x[M, K] · w[N, K]ᵀ, M symbolic, parallel over blocks of 4 output columns
-    (_gemm_columns); decode (M = 1) streams each weight row once."""
-    jb = 4 if n % 4 == 0 else 1
-    gemm_columns = _gemm_columns(k, jb, dtype)
+def linear(n: int, k: int, dtype: str = "float32", ib: int = 4, jb: int = 4):
+    """y[M, N] = x[M, K] · w[N, K]ᵀ, M symbolic, parallel over blocks of jb output columns
+    (_gemm_columns, ib rows of x at a time); decode (M = 1) streams each weight row once.
+    ib and jb are schedule parameters (TUNABLE); jb falls back to 1 where it does not divide N."""
+    jb = jb if n % jb == 0 else 1
+    gemm_columns = _gemm_columns(k, jb, dtype, ib)
 
     @T.prim_func(private=True)
     def cpu_linear(var_x: T.handle, w: T.Buffer((n, k), dtype), var_y: T.handle):
@@ -454,3 +455,21 @@ def kv_cache_overrides(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtyp
     heads = (num_kv_heads, num_qo_heads, head_dim, dtype)
     return {"batch_decode_paged_kv_cpu": paged_decode_attention(*heads, page_size),
             "batch_prefill_ragged_kv": ragged_prefill_attention(*heads)}
+
+
+def _linear_inputs(key: dict, m: int, rng):
+    n, k = key["shape"]
+    return [rng.standard_normal((m, k)).astype(key["dtype"]), rng.standard_normal((n, k)).astype(key["dtype"]),
+            np.zeros((m, n), key["dtype"])]
+
+
+# Kernels with schedule parameters (compiler/tuning.py): space, default, validity, build, inputs.
+TUNABLE = {
+    "linear": {
+        "space": {"ib": [2, 4, 6], "jb": [1, 2, 4, 8]},
+        "default": {"ib": 4, "jb": 4},
+        "valid": lambda key, p: key["shape"][0] % p["jb"] == 0 and p["ib"] * p["jb"] <= 24,  # accumulators in registers
+        "build": lambda key, p: linear(*key["shape"], key["dtype"], **p),
+        "inputs": _linear_inputs,
+    },
+}

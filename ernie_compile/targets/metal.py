@@ -64,7 +64,7 @@ class MetalTarget:
         with WebGPU's conservative rules (256 threads, scalar loads), which Metal builds."""
         return tvm.target.Target({"kind": "webgpu", "max_num_threads": 256}, host="llvm")
 
-    def passes(self, mod: tvm.IRModule):
+    def passes(self, mod: tvm.IRModule, tuner=None):
         return mod, []  # linears stay Relax matmuls: dlight's GEMV / Matmul rules schedule them
 
     def schedule_rules(self):

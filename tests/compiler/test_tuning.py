@@ -1,0 +1,87 @@
+"""Schedule tuning: the database format, reuse without search, resume after an interruption, and
+that every schedule in the space computes the same linear."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DENSE_CONFIGS, PROMPT_IDS, eager_model, make_checkpoint, rel_error, run_cli
+from ernie_compile.compiler.options import CompileOptions
+from ernie_compile.compiler.pipeline import compile_model
+from ernie_compile.compiler.tuning import FORMAT, TuningDB, _space
+from ernie_compile.runtime import Session
+from ernie_compile.targets import cpu_kernels
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tune") / "ckpt", DENSE_CONFIGS["mha-bias-hd16"], seed=5)
+
+
+def _compile(ckpt, out, db, **kw):
+    return compile_model(CompileOptions(output=out, model=str(ckpt), tuning_db=db, max_seq_len=64, **kw),
+                         log=lambda *_: None)
+
+
+def _lines(db):
+    return [json.loads(line) for line in db.read_text().splitlines()]
+
+
+def test_tune_then_reuse_without_search(ckpt, tmp_path):
+    db = tmp_path / "db.jsonl"
+    first = _compile(ckpt, tmp_path / "a", db, tune=True)["tuning"]
+    lines = _lines(db)
+    assert lines[0] == FORMAT and len(lines) - 1 == first["searched"] > 0
+    keys = {json.dumps(r["key"], sort_keys=True) for r in lines[1:]}
+    assert all(set(r) == {"key", "params", "seconds"} and r["seconds"] > 0 for r in lines[1:])
+    second = _compile(ckpt, tmp_path / "b", db, tune=True)["tuning"]
+    assert second["searched"] == 0 and second["reused"] == len(keys)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["tuning"]["db_sha256"] == TuningDB.open(db).sha256()
+    # the tuned artifact computes what transformers computes
+    with torch.no_grad():
+        ref = eager_model(ckpt)(torch.tensor([PROMPT_IDS])).logits[0, -1]
+    assert rel_error(Session(tmp_path / "b").forward(PROMPT_IDS), ref) < 1e-4
+
+
+def test_interrupted_search_resumes(ckpt, tmp_path):
+    db = tmp_path / "db.jsonl"
+    assert _compile(ckpt, tmp_path / "a", db, tune=True, tune_trials=3)["tuning"]["searched"] == 3
+    with db.open("a") as f:
+        f.write('{"key": {"kernel": "lin')  # a trial cut short by the interruption
+    rest = _compile(ckpt, tmp_path / "b", db, tune=True)["tuning"]["searched"]
+    full = _compile(ckpt, tmp_path / "c", tmp_path / "fresh.jsonl", tune=True)["tuning"]["searched"]
+    assert rest == full - 3
+    lines = db.read_text().splitlines()
+    assert lines[4].startswith('{"key": {"kernel": "lin') and len(lines) == 1 + 3 + 1 + (full - 3)
+    records = [json.dumps([r["key"], r["params"]], sort_keys=True) for r in map(json.loads, lines[1:4] + lines[5:])]
+    assert len(set(records)) == full  # nothing measured twice, nothing lost
+
+
+def test_every_schedule_in_the_space_computes_the_linear():
+    import tvm
+
+    tunable = cpu_kernels.TUNABLE["linear"]
+    key = {"shape": [24, 64], "dtype": "float32"}
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((7, 64)).astype(np.float32), rng.standard_normal((24, 64)).astype(np.float32)
+    for params in (p for p in _space(tunable["space"]) if tunable["valid"](key, p)):
+        lib = tvm.compile(tvm.IRModule({"main": tunable["build"](key, params).with_attr("global_symbol", "main")}),
+                          target="llvm")
+        y = tvm.runtime.tensor(np.zeros((7, 24), np.float32))
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), y)
+        np.testing.assert_allclose(y.numpy(), x @ w.T, rtol=1e-5, atol=1e-5, err_msg=str(params))
+
+
+def test_bad_database_and_cross_target_tuning_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("hello\n")
+    proc = run_cli("ernie_compile.cli", "--tuning-db", str(bad), "-o", str(tmp_path / "o1"), check=False)
+    assert proc.returncode == 2 and "not an ernie-compile tuning database" in proc.stderr
+    proc = run_cli("ernie_compile.cli", "--tune", "--tuning-db", str(tmp_path / "db.jsonl"), "--target",
+                   "cpu:aarch64-linux-android", "-o", str(tmp_path / "o2"), check=False)
+    assert proc.returncode == 2 and "--tune measures kernels on this machine" in proc.stderr
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
