@@ -5,6 +5,7 @@ for MoE models)."""
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,11 @@ from ..errors import UserError
 class InductorEngine:
     def __init__(self, folder: Path, manifest: dict):
         m = manifest
+        # Idle OpenMP threads spin by default; the programs' kernels and torch's matmuls then take turns
+        # on threads that compete with spinning ones, and on a loaded machine a 0.3b decode step took 5x
+        # longer, at random. Read when torch's OpenMP runtime loads: must precede `import torch` (a
+        # process that imported torch earlier keeps its setting); setdefault keeps a user's own choice.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         needs = {"torch": "torch"} | {module: op for op, module in m.get("python_ops", {}).items()}
         for module, why in needs.items():
             try:
