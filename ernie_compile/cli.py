@@ -18,6 +18,9 @@ def _parser() -> argparse.ArgumentParser:
                                                    "cpu:aarch64-linux-android), cuda, metal (default: cpu)")
     p.add_argument("--cuda-arch", help="GPU architectures of a cuda build, e.g. sm_80,sm_90 "
                                        "(default: sm_80,sm_86,sm_89,sm_90)")
+    p.add_argument("--backend", default="tvm", choices=["tvm", "inductor"],
+                   help="tvm (default), or inductor: torch.export + AOTInductor with a static KV cache, "
+                        "our in-house baseline (cpu, float32 only)")
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
     p.add_argument("--dtype", choices=["float32", "float16"],
                    help="activations and float weights (default: float32 on cpu, float16 on GPU targets)")
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
             if target.partition(":")[0] != "cuda":
                 raise UserError(f"--cuda-arch applies to --target cuda, not {target!r}")
             target = f"cuda:{args.cuda_arch}"
-        opts = CompileOptions(output=args.output, model=args.model, target=target,
+        opts = CompileOptions(output=args.output, model=args.model, backend=args.backend, target=target,
                               max_seq_len=args.max_seq_len, seed=args.seed, dump_ir=args.dump_ir,
                               fuse_attention=not args.no_fuse_attention, dtype=args.dtype,
                               preset_overrides=tuple(_override(o) for o in args.preset_override),

@@ -9,6 +9,7 @@ from pathlib import Path
 class CompileOptions:
     output: Path
     model: str | None = None  # folder, preset name, or None for the embedded default
+    backend: str = "tvm"  # "tvm", or "inductor": the AOTInductor baseline (compiler/inductor.py)
     target: str = "cpu"  # NAME[:LLVM_TRIPLE], see targets/
     max_seq_len: int | None = None  # context limit, prompt + new tokens; None: min(2048, the model's)
     seed: int = 0  # random weights of presets

@@ -7,6 +7,9 @@
     Phase 4. build     Relax → target library (targets/)
     Phase 5. package   artifact folder with manifest and hashes (package.py)
 
+`--backend inductor` (compiler/inductor.py) takes its own route after load: capture with a static KV
+cache, build with AOTInductor, package; phases 3 and 4 are one AOTInductor call.
+
 `--dump-ir DIR` writes each phase's IR; `--report FILE` writes timings and pass counts as JSON.
 """
 from __future__ import annotations
@@ -94,23 +97,37 @@ def _tuner(opts: CompileOptions, log):
                  max_seconds=opts.tune_minutes * 60 if opts.tune_minutes else None)
 
 
+def _manifest(opts: CompileOptions, loaded, backend: str) -> dict:
+    """The manifest fields every backend writes; each adds its own entry points and files."""
+    config = loaded.model.config
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backend": backend,
+        "model": {"source": loaded.source, "model_type": config.model_type,
+                  "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
+                  "config": json.loads(config.to_json_string(use_diff=False))},
+        "options": opts.as_dict(),
+        "versions": _versions(),
+        "dtype": opts.dtype,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def _tokenizer(loaded, folder: Path) -> dict:
+    eos = loaded.model.config.eos_token_id
+    return {"files": package.copy_tokenizer(loaded.tokenizer_files, folder),
+            "bos_token_id": loaded.model.config.bos_token_id,
+            "eos_token_ids": eos if isinstance(eos, list) else [eos]}
+
+
 def compile_model(opts: CompileOptions, log=print) -> dict:
     """Compile per `opts`; returns the report (also written to opts.report). Raises UserError."""
-    target = get_target(opts.target)
-    tvm_target = target.tvm_target()
-    policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
+    if opts.backend not in BACKENDS:
+        raise UserError(f"unknown backend {opts.backend!r}; backends: {', '.join(BACKENDS)}")
+    backend = BACKENDS[opts.backend]
+    opts, resolved = backend.resolve(opts, log)
     if opts.max_seq_len is not None and opts.max_seq_len < 2:
         raise UserError(f"--max-seq-len {opts.max_seq_len}: must be at least 2")
-    dtype = opts.dtype or target.dtypes[0]
-    if dtype not in target.dtypes:
-        raise UserError(f"--dtype {dtype}: target {target.name} computes in {' or '.join(target.dtypes)}")
-    opts = dataclasses.replace(opts, dtype=dtype)
-    if opts.tune and opts.tuning_db is None:
-        opts = dataclasses.replace(opts, tuning_db=DEFAULT_TUNING_DB)
-    if opts.tune and not target.runnable_here:
-        raise UserError(f"--tune measures kernels on this machine; a {target.spec} build does not run here "
-                        f"(tune on the device, then pass --tuning-db)")
-    tuner = _tuner(opts, log)
     package.check_output(opts.output)
     stages = _Stages(log)
     dump = Path(opts.dump_ir) if opts.dump_ir else None
@@ -129,80 +146,143 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
                         f"({config.max_position_embeddings})")
     log("options: " + json.dumps(opts.as_dict()))
 
-    from .capture import capture
-    from .load import cast
-
-    cast(loaded.model, dtype)
-    passes = select_passes(config, fuse_attention=opts.fuse_attention)
-    with stages("capture"):
-        captured = capture(loaded.model, opts.max_seq_len, passes)
-    if dump:
-        for name in ("prefill", "decode"):
-            (dump / f"2-capture.{name}.txt").write_text(str(getattr(captured, name).graph_module.code))
-
-    from .lower import lower
-
-    with stages("lower"):
-        mod, pass_reports, weights = lower(captured, config, target, passes, dtype)
-        if policy:
-            mod, weights, qreport = quantize_weights.run(mod, weights, policy, target.kernels)
-            pass_reports.append(qreport)
-        mod, target_reports = target.passes(mod, tuner)
-        pass_reports += target_reports
-        kernels = count_kernels(mod, "decode")
-    log(f"  decode step: {kernels['tir']} TIR kernels, {kernels['builtin']} runtime builtin calls")
-    if opts.tuning_db:
-        log(f"  tuning: {tuner.stats}")
-    for r in pass_reports:
-        log(f"  pass {r}")
-    if dump:
-        (dump / "3-lower.relax.py").write_text(mod.script(show_meta=False))
-
-    with package.staging(opts.output) as tmp:
-        with stages("build"):
-            library, build_info = target.build(mod, tmp)
-        with stages("package"):
-            state = loaded.model.state_dict()
-            order, recon_errors = package.write_weights(state, weights, tmp / "weights.safetensors")
-            tokenizer_files = package.copy_tokenizer(loaded.tokenizer_files, tmp)
-            eos = config.eos_token_id
-            manifest = {
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "model": {"source": loaded.source, "model_type": config.model_type,
-                          "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
-                          "config": json.loads(config.to_json_string(use_diff=False))},
-                "options": opts.as_dict(),
-                "target": {"spec": target.spec, "device": target.device, "tvm": str(tvm_target),
-                           "runnable_here": target.runnable_here},
-                "versions": _versions(),
-                "dtype": dtype,
-                "library": library.name,
-                "kernels": build_info,
-                "functions": {"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
-                "weights": {"file": "weights.safetensors", "order": order,
-                            "fused": {w["name"]: w["concat"] for w in weights if "concat" in w},
-                            "quantized": {w["name"]: w["quant"] for w in weights if "quant" in w}},
-                "quantization": policy.as_dict() if policy else None,
-                "kv_cache": {"max_seq_len": opts.max_seq_len, "page_size": PAGE_SIZE},
-                "vocab_size": config.vocab_size,
-                "tokenizer": {"files": tokenizer_files, "bos_token_id": config.bos_token_id,
-                              "eos_token_ids": eos if isinstance(eos, list) else [eos]},
-                "passes": {r.name: {"matched": r.matched, "expected": r.expected} for r in pass_reports},
-                "tuning": tuner.report() if opts.tuning_db else None,
-            }
-            package.write_manifest(tmp, manifest)
-        if policy:
-            with stages("accuracy"):
-                manifest["accuracy"] = _accuracy(loaded.model, tmp, config, target, recon_errors)
-                package.write_manifest(tmp, manifest)
-            _log_accuracy(manifest["accuracy"], log)
-        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-
-    report = {"output": str(Path(opts.output).resolve()), "options": opts.as_dict(), "stages": stages.seconds,
-              "passes": manifest["passes"], "decode_kernels": kernels, "library_kernels": build_info,
-              "artifact_bytes": size,
-              "accuracy": manifest.get("accuracy"), "tuning": manifest["tuning"]}
-    log(f"wrote {report['output']} ({size / 2**20:.1f} MiB) in {sum(stages.seconds.values()):.1f} s")
+    outcome = backend.run(opts, resolved, loaded, stages, dump, log)
+    report = {"output": str(Path(opts.output).resolve()), "options": opts.as_dict(), "backend": opts.backend,
+              "stages": stages.seconds, **outcome}
+    log(f"wrote {report['output']} ({report['artifact_bytes'] / 2**20:.1f} MiB) in "
+        f"{sum(stages.seconds.values()):.1f} s")
     if opts.report:
         Path(opts.report).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+class _Tvm:
+    """Phases 2–5 through TVM (the default backend)."""
+
+    @staticmethod
+    def resolve(opts: CompileOptions, log):
+        target = get_target(opts.target)
+        tvm_target = target.tvm_target()
+        policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
+        dtype = opts.dtype or target.dtypes[0]
+        if dtype not in target.dtypes:
+            raise UserError(f"--dtype {dtype}: target {target.name} computes in {' or '.join(target.dtypes)}")
+        opts = dataclasses.replace(opts, dtype=dtype)
+        if opts.tune and opts.tuning_db is None:
+            opts = dataclasses.replace(opts, tuning_db=DEFAULT_TUNING_DB)
+        if opts.tune and not target.runnable_here:
+            raise UserError(f"--tune measures kernels on this machine; a {target.spec} build does not run here "
+                            f"(tune on the device, then pass --tuning-db)")
+        return opts, (target, tvm_target, policy, _tuner(opts, log))
+
+    @staticmethod
+    def run(opts, resolved, loaded, stages, dump, log) -> dict:
+        from .capture import capture
+        from .load import cast
+        from .lower import lower
+
+        target, tvm_target, policy, tuner = resolved
+        config, dtype = loaded.model.config, opts.dtype
+        cast(loaded.model, dtype)
+        passes = select_passes(config, fuse_attention=opts.fuse_attention)
+        with stages("capture"):
+            captured = capture(loaded.model, opts.max_seq_len, passes)
+        if dump:
+            for name in ("prefill", "decode"):
+                (dump / f"2-capture.{name}.txt").write_text(str(getattr(captured, name).graph_module.code))
+
+        with stages("lower"):
+            mod, pass_reports, weights = lower(captured, config, target, passes, dtype)
+            if policy:
+                mod, weights, qreport = quantize_weights.run(mod, weights, policy, target.kernels)
+                pass_reports.append(qreport)
+            mod, target_reports = target.passes(mod, tuner)
+            pass_reports += target_reports
+            kernels = count_kernels(mod, "decode")
+        log(f"  decode step: {kernels['tir']} TIR kernels, {kernels['builtin']} runtime builtin calls")
+        if opts.tuning_db:
+            log(f"  tuning: {tuner.stats}")
+        for r in pass_reports:
+            log(f"  pass {r}")
+        if dump:
+            (dump / "3-lower.relax.py").write_text(mod.script(show_meta=False))
+
+        with package.staging(opts.output) as tmp:
+            with stages("build"):
+                library, build_info = target.build(mod, tmp)
+            with stages("package"):
+                state = loaded.model.state_dict()
+                order, recon_errors = package.write_weights(state, weights, tmp / "weights.safetensors")
+                manifest = dict(
+                    _manifest(opts, loaded, "tvm"),
+                    target={"spec": target.spec, "device": target.device, "tvm": str(tvm_target),
+                            "runnable_here": target.runnable_here},
+                    library=library.name,
+                    kernels=build_info,
+                    functions={"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
+                    weights={"file": "weights.safetensors", "order": order,
+                             "fused": {w["name"]: w["concat"] for w in weights if "concat" in w},
+                             "quantized": {w["name"]: w["quant"] for w in weights if "quant" in w}},
+                    quantization=policy.as_dict() if policy else None,
+                    kv_cache={"max_seq_len": opts.max_seq_len, "page_size": PAGE_SIZE},
+                    tokenizer=_tokenizer(loaded, tmp),
+                    passes={r.name: {"matched": r.matched, "expected": r.expected} for r in pass_reports},
+                    tuning=tuner.report() if opts.tuning_db else None)
+                package.write_manifest(tmp, manifest)
+            if policy:
+                with stages("accuracy"):
+                    manifest["accuracy"] = _accuracy(loaded.model, tmp, config, target, recon_errors)
+                    package.write_manifest(tmp, manifest)
+                _log_accuracy(manifest["accuracy"], log)
+            size = _size(tmp)
+        return {"passes": manifest["passes"], "decode_kernels": kernels, "library_kernels": build_info,
+                "artifact_bytes": size, "accuracy": manifest.get("accuracy"), "tuning": manifest["tuning"]}
+
+
+class _Inductor:
+    """Phases 2–5 through torch.export + AOTInductor (compiler/inductor.py): the in-house baseline."""
+
+    @staticmethod
+    def resolve(opts: CompileOptions, log):
+        from . import inductor
+
+        inductor.check_options(opts)
+        return dataclasses.replace(opts, dtype="float32"), None
+
+    @staticmethod
+    def run(opts, resolved, loaded, stages, dump, log) -> dict:
+        from . import inductor
+
+        with stages("capture"):
+            captured = inductor.capture(loaded.model, opts.max_seq_len)
+        if dump:
+            for name in inductor.PROGRAMS:
+                (dump / f"2-capture.{name}.txt").write_text(str(getattr(captured, name).graph_module.code))
+        with package.staging(opts.output) as tmp:
+            with stages("build"):
+                constants = inductor.build(captured, tmp)
+            with stages("package"):
+                stored = inductor.write_weights(captured, constants, tmp / "weights.safetensors")
+                manifest = dict(
+                    _manifest(opts, loaded, "inductor"),
+                    target={"spec": "cpu", "device": "cpu", "runnable_here": True},
+                    programs=dict(inductor.PROGRAMS),
+                    python_ops=captured.python_ops,
+                    weights={"file": "weights.safetensors", "constants": stored},
+                    quantization=None,
+                    kv_cache={"max_seq_len": opts.max_seq_len, "shapes": captured.kv_shapes},
+                    tokenizer=_tokenizer(loaded, tmp),
+                    passes={})
+                package.write_manifest(tmp, manifest)
+            size = _size(tmp)
+        return {"passes": {}, "decode_kernels": None, "library_kernels": None, "artifact_bytes": size,
+                "accuracy": None, "tuning": None}
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+# --backend NAME → its phases 2–5. `resolve` checks the options before anything is loaded (and returns
+# them completed); `run` writes the artifact and returns the report's backend-specific fields.
+BACKENDS = {"tvm": _Tvm, "inductor": _Inductor}

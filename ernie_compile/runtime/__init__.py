@@ -1,4 +1,5 @@
-"""The minimal runtime: TVM's runtime, numpy, safetensors and a tokenizer library. Never torch.
+"""The minimal runtime: TVM's runtime, numpy, safetensors and a tokenizer library; torch only for
+artifacts of `--backend inductor` (runtime/inductor_engine.py).
 
     from ernie_compile.runtime import Session
     s = Session("out/")

@@ -1,4 +1,5 @@
-"""ernie-run: generate text from a compiled artifact. Imports no torch and no compiler code."""
+"""ernie-run: generate text from a compiled artifact. Imports no compiler code, and torch only for an
+artifact of `--backend inductor`."""
 from __future__ import annotations
 
 import argparse

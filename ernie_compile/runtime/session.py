@@ -1,10 +1,13 @@
 """Load an artifact and generate tokens: prefill once, then one decode call per token.
 
-The KV cache is TVM's paged KV cache, created by the artifact's own `create_kv` function; this file
-only drives its sequence bookkeeping (add sequence, begin/end forward) around each call.
+The artifact's backend (manifest "backend") picks the engine that owns the compiled programs and the
+KV cache: runtime/tvm_engine.py (TVM's VM and paged KV cache) or runtime/inductor_engine.py (the
+AOTInductor programs and a static cache; the only engine that imports torch). This file checks
+input, counts positions and samples; the engines only run steps.
 """
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,53 +66,21 @@ class GenerationResult:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
 
 
-def _serve_prebuilt_cuda(fatbin: Path, source_sha256: str) -> None:
-    """TVM's CUDA runtime compiles a library's kernel source when it loads it, through the hook
-    `tvm_callback_cuda_compile`. Answer it with the fatbin built at compile time (targets/cuda.py)
-    instead, so no CUDA compiler is needed here; a source that is not the one the fatbin was built
-    from is refused rather than compiled."""
-    import hashlib
-
-    import tvm_ffi
-
-    binary = fatbin.read_bytes()
-
-    def hook(code, *_):
-        if hashlib.sha256(code.encode()).hexdigest() != source_sha256:
-            raise UserError(f"{fatbin.parent}: the library's CUDA source does not match {fatbin.name}")
-        return bytearray(binary)
-
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", hook, override=True)
+# manifest "backend" → (module, class) of its engine, imported only when an artifact needs it
+ENGINES = {"tvm": ("tvm_engine", "TvmEngine"), "inductor": ("inductor_engine", "InductorEngine")}
 
 
 class Session:
     def __init__(self, folder: str | Path, verify: bool = True):
-        import tvm
-        from safetensors import safe_open
-        from tvm.runtime.vm import VirtualMachine
-
         self.folder = Path(folder)
-        self.manifest = m = read_manifest(self.folder, verify=verify)
-        device = m["target"]["device"]
-        if device == "cpu" and not m["target"].get("runnable_here", True):
+        self.manifest = m = read_manifest(self.folder, verify=verify)  # hashes checked before any load
+        if m["target"]["device"] == "cpu" and not m["target"].get("runnable_here", True):
             raise UserError(f"{self.folder}: built for {m['target']['spec']}; it does not run on this machine")
-        self.device = tvm.runtime.device(device, 0)
-        if device != "cpu" and not self.device.exist:
-            raise UserError(f"{self.folder}: built for {m['target']['spec']}; this machine has no {device} device")
-        if m.get("kernels", {}).get("fatbin"):
-            _serve_prebuilt_cuda(self.folder / m["kernels"]["fatbin"], m["kernels"]["source_sha256"])
-        self._vm = VirtualMachine(tvm.runtime.load_module(str(self.folder / m["library"])), self.device)
-        # one tensor at a time: the host copy of each is dropped once the device copy exists
-        with safe_open(str(self.folder / m["weights"]["file"]), "np") as f:
-            self._weights = [tvm.runtime.tensor(f.get_tensor(name), self.device) for name in m["weights"]["order"]]
-        self._prefill = self._vm[m["functions"]["prefill"]]
-        self._decode = self._vm[m["functions"]["decode"]]
-        self._create_kv = self._vm[m["functions"]["create_kv"]]
-        self._kv_add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
-        self._kv_begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
-        self._kv_end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
-        self._shape = tvm.runtime.ShapeTuple
-        self._tensor = lambda a: tvm.runtime.tensor(a, self.device)
+        backend = m.get("backend", "tvm")
+        if backend not in ENGINES:
+            raise UserError(f"{self.folder}: unknown backend {backend!r}; this runtime runs {', '.join(ENGINES)}")
+        module, cls = ENGINES[backend]
+        self._engine = getattr(importlib.import_module(f".{module}", __package__), cls)(self.folder, m)
         self.max_seq_len = m["kv_cache"]["max_seq_len"]
         self.eos_token_ids = set(m["tokenizer"]["eos_token_ids"])
         self.vocab_size = m["vocab_size"]
@@ -118,10 +89,7 @@ class Session:
 
     def reset(self) -> None:
         """Start a new sequence with an empty KV cache."""
-        s = self._shape
-        kv = self.manifest["kv_cache"]
-        self._kv = self._create_kv(s([1]), s([kv["max_seq_len"]]), s([kv["max_seq_len"]]), s([kv["page_size"]]), s([0]))
-        self._kv_add(self._kv, 0)
+        self._engine.reset()
         self.length = 0
 
     def forward(self, ids: list[int]) -> np.ndarray:
@@ -135,14 +103,9 @@ class Session:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        fn = self._decode if n == 1 else self._prefill
-        tokens = self._tensor(np.asarray([ids], dtype=np.int64))  # [1, n]
-        positions = self._tensor(np.arange(self.length, self.length + n, dtype=np.int64)[None])  # [1, n]
-        self._kv_begin(self._kv, self._shape([0]), self._shape([n]))
-        logits = fn(tokens, positions, self._kv, *self._weights)
-        self._kv_end(self._kv)
+        logits = self._engine.step(ids, self.length)
         self.length += n
-        return logits.numpy()[0].astype(np.float32)
+        return logits
 
     def generate(self, prompt: list[int], max_new_tokens: int, sampler: Sampler = Sampler(),
                  stop_at_eos: bool = True, on_token=None) -> GenerationResult:

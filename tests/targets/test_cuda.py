@@ -75,7 +75,7 @@ def test_moe_q4_uses_our_gpu_kernels(moe_q4):
 def test_runtime_serves_the_prebuilt_fatbin_and_refuses_other_source(dense_fp16):
     import tvm_ffi
 
-    from ernie_compile.runtime.session import _serve_prebuilt_cuda
+    from ernie_compile.runtime.tvm_engine import _serve_prebuilt_cuda
 
     m = _manifest(dense_fp16)
     source = (dense_fp16 / m["kernels"]["source"]).read_text()

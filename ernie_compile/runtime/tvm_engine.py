@@ -1,0 +1,74 @@
+"""The TVM backend's engine: the artifact's library in TVM's VM, and TVM's paged KV cache created by
+the library's own `create_kv` function; this file drives the cache's sequence bookkeeping (add
+sequence, begin/end forward) around each call."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+
+def _serve_prebuilt_cuda(fatbin: Path, source_sha256: str) -> None:
+    """TVM's CUDA runtime compiles a library's kernel source when it loads it, through the hook
+    `tvm_callback_cuda_compile`. Answer it with the fatbin built at compile time (targets/cuda.py)
+    instead, so no CUDA compiler is needed here; a source that is not the one the fatbin was built
+    from is refused rather than compiled."""
+    import hashlib
+
+    import tvm_ffi
+
+    binary = fatbin.read_bytes()
+
+    def hook(code, *_):
+        if hashlib.sha256(code.encode()).hexdigest() != source_sha256:
+            raise UserError(f"{fatbin.parent}: the library's CUDA source does not match {fatbin.name}")
+        return bytearray(binary)
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", hook, override=True)
+
+
+class TvmEngine:
+    def __init__(self, folder: Path, manifest: dict):
+        import tvm
+        from safetensors import safe_open
+        from tvm.runtime.vm import VirtualMachine
+
+        m = self.manifest = manifest
+        device = m["target"]["device"]
+        self.device = tvm.runtime.device(device, 0)
+        if device != "cpu" and not self.device.exist:
+            raise UserError(f"{folder}: built for {m['target']['spec']}; this machine has no {device} device")
+        if m.get("kernels", {}).get("fatbin"):
+            _serve_prebuilt_cuda(folder / m["kernels"]["fatbin"], m["kernels"]["source_sha256"])
+        self._vm = VirtualMachine(tvm.runtime.load_module(str(folder / m["library"])), self.device)
+        # one tensor at a time: the host copy of each is dropped once the device copy exists
+        with safe_open(str(folder / m["weights"]["file"]), "np") as f:
+            self._weights = [tvm.runtime.tensor(f.get_tensor(name), self.device) for name in m["weights"]["order"]]
+        self._prefill = self._vm[m["functions"]["prefill"]]
+        self._decode = self._vm[m["functions"]["decode"]]
+        self._create_kv = self._vm[m["functions"]["create_kv"]]
+        self._kv_add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
+        self._kv_begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+        self._kv_end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        self._shape = tvm.runtime.ShapeTuple
+        self._tensor = lambda a: tvm.runtime.tensor(a, self.device)
+
+    def reset(self) -> None:
+        """A new, empty KV cache holding one sequence."""
+        s = self._shape
+        kv = self.manifest["kv_cache"]
+        self._kv = self._create_kv(s([1]), s([kv["max_seq_len"]]), s([kv["max_seq_len"]]), s([kv["page_size"]]), s([0]))
+        self._kv_add(self._kv, 0)
+
+    def step(self, ids: list[int], start: int) -> np.ndarray:
+        """Run `ids` at positions start, start+1, …; the logits after the last one, [V] float32."""
+        n = len(ids)
+        fn = self._decode if n == 1 else self._prefill
+        tokens = self._tensor(np.asarray([ids], dtype=np.int64))  # [1, n]
+        positions = self._tensor(np.arange(start, start + n, dtype=np.int64)[None])  # [1, n]
+        self._kv_begin(self._kv, self._shape([0]), self._shape([n]))
+        logits = fn(tokens, positions, self._kv, *self._weights)
+        self._kv_end(self._kv)
+        return logits.numpy()[0].astype(np.float32)
