@@ -1,0 +1,114 @@
+"""One benchmark command: a preset on the CPU, ours against every peer, in one run.
+
+    python bench/bench.py                                   # 0.3b preset, float32 and 4-bit
+    python bench/bench.py --preset ernie-tiny --bits none   # quick
+    python bench/bench.py --llamacpp --json out.json         # + llama.cpp Q4_0 (builds it once, ~5 min)
+
+Rows: ours (TVM backend) per --bits, the inductor backend (AOTInductor, float32), transformers eager
+(float32, sdpa, its own KV cache), llama.cpp Q4_0 when asked. Columns: compile time per stage,
+artifact size, runtime peak RSS (VmHWM of a fresh process), prefill tok/s over --prompt tokens (128),
+first-token latency (= that prefill), decode tok/s over --decode steps (64), medians of --reps after a
+warm-up; and the memory-bandwidth bound of decode (weight bytes per token / read bandwidth measured
+in the same run) with the share of it reached.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from bench_e2e import eager_speed  # noqa: E402
+from bench_quant import RUN, decode_weight_bytes, read_bandwidth_gbs  # noqa: E402
+from common import print_table  # noqa: E402
+
+from ernie_compile.compiler.load import ASSETS, load_preset  # noqa: E402
+from ernie_compile.compiler.options import CompileOptions  # noqa: E402
+from ernie_compile.compiler.pipeline import compile_model  # noqa: E402
+
+
+def run_artifact(folder: Path, prompt: list[int], decode: int, reps: int) -> dict:
+    """Speeds and peak RSS of a fresh runtime process (what a user's process would hold)."""
+    proc = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), folder=str(folder), prompt=prompt,
+                                                            reps=reps, decode=decode)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ours(preset: str, out: Path, prompt, args, bandwidth: float, label: str, **opts) -> dict:
+    report = compile_model(CompileOptions(output=out, model=preset, max_seq_len=512, **opts), log=lambda *_: None)
+    speed = run_artifact(out, prompt, args.decode, args.reps)
+    nbytes = decode_weight_bytes(out) if (out / "weights.safetensors").exists() else None
+    row = {"config": label, **{f"{k} s": v for k, v in report["stages"].items() if k != "accuracy"},
+           "artifact MiB": report["artifact_bytes"] / 2**20, "peak RSS MiB": speed["peak_rss_MiB"],
+           "prefill tok/s": speed["prefill_tok_s"], "first token ms": 1000 * len(prompt) / speed["prefill_tok_s"],
+           "decode tok/s": speed["decode_tok_s"]}
+    if nbytes:
+        row["bound tok/s"] = bandwidth * 1e9 / nbytes
+        row["of bound"] = row["decode tok/s"] / row["bound tok/s"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="ernie-4.5-0.3b")
+    ap.add_argument("--bits", nargs="+", default=["none", "4"], help="our configurations: none (float32) or bits")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--llamacpp", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    prompt = [int(x) for x in np.random.default_rng(0).integers(3, 1000, args.prompt)]
+    bandwidth = read_bandwidth_gbs()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in args.bits:
+            label = "ours float32" if bits == "none" else f"ours {bits}-bit g32"
+            rows.append(ours(args.preset, Path(tmp) / f"tvm-{bits}", prompt, args, bandwidth, label,
+                             bits=None if bits == "none" else bits))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if not args.no_inductor:
+            rows.append(ours(args.preset, Path(tmp) / "inductor", prompt, args, bandwidth, "inductor float32",
+                             backend="inductor"))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        model = load_preset(args.preset).model
+        pre, dec = eager_speed(model, prompt, args.decode, args.reps)
+        rows.append({"config": "transformers eager float32", "prefill tok/s": pre,
+                     "first token ms": 1000 * len(prompt) / pre, "decode tok/s": dec})
+        if args.llamacpp:
+            hf = Path(tmp) / "hf"
+            model.save_pretrained(hf)
+            shutil.copyfile(ASSETS / "tokenizer.model", hf / "tokenizer.model")
+            peer = subprocess.run(["bash", str(ROOT.parent / "shared" / "tools" / "llamacpp_peer.sh"), str(hf),
+                                   "Q4_0", "2", str(args.prompt), str(args.decode)], capture_output=True, text=True)
+            if peer.returncode == 0:
+                p = json.loads(peer.stdout.strip().splitlines()[-1])
+                bound = bandwidth * 1e9 / p["size_bytes"]
+                rows.append({"config": "llama.cpp Q4_0", "artifact MiB": p["size_bytes"] / 2**20,
+                             "prefill tok/s": p["prefill_tok_s_median"],
+                             "first token ms": 1000 * args.prompt / p["prefill_tok_s_median"],
+                             "decode tok/s": p["decode_tok_s_median"], "bound tok/s": bound,
+                             "of bound": p["decode_tok_s_median"] / bound})
+            else:
+                print(f"llama.cpp peer failed: {peer.stderr[-500:]}", file=sys.stderr)
+    print(f"\n{args.preset} on the CPU (2 threads), read bandwidth {bandwidth:.1f} GB/s; prompt {args.prompt}, "
+          f"decode {args.decode}, medians of {args.reps}\n")
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"preset": args.preset, "bandwidth_gbs": bandwidth, "rows": rows},
+                                        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
