@@ -13,13 +13,16 @@ class CompileOptions:
     max_seq_len: int | None = None  # context limit, prompt + new tokens; None: min(2048, the model's)
     seed: int = 0  # random weights of presets
     preset_overrides: tuple[tuple[str, int | float], ...] = ()  # config fields changed in a preset
-    fuse_attention: bool = True
+    fuse_attention: bool = True  # False: the unfused attention route, a baseline for benchmarks
     # weight quantization (compiler/quantize.py): None = float32 weights
     bits: str | None = None  # "4", or per category "experts=2,attn=4,mlp=4,embed=8"
     embed_bits: int | None = None  # the embedding / lm_head, overriding --bits
     group_size: int = 32
     symmetric: bool = True
-    scale_dtype: str = "float16"  # False: the unfused attention route, a baseline for benchmarks
+    scale_dtype: str = "float16"
+    # "8": linears over 4/8-bit weights quantize activations to int8 per block of 32 (x86 VNNI kernels);
+    # "none": float32 activations; "auto": "8" where the target has AVX-512 VNNI, else "none"
+    act_bits: str = "auto"
     dump_ir: Path | None = None
     report: Path | None = None
 

@@ -62,7 +62,14 @@ class _Rewriter(relax.PyExprMutator):
         from ..targets import cpu_kernels
 
         n, k = (int(d) for d in bound.args[0].ty.shape)
-        gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{n}x{k}", lambda: cpu_kernels.linear_q(n, k, spec))
+        if spec.layout == "vnni16":  # int8 activations (targets/cpu_vnni.py)
+            from ..targets import cpu_vnni
+
+            gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_a8_{n}x{k}",
+                                  lambda: cpu_vnni.linear_q_vnni(n, k, spec))
+        else:
+            gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{n}x{k}",
+                                  lambda: cpu_kernels.linear_q(n, k, spec))
         lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
         m = 1
         for d in lead:
@@ -86,8 +93,14 @@ class _Rewriter(relax.PyExprMutator):
         for d in shape:
             t = t * d
         flat = self.builder_.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [t]))
-        gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_{vocab}x{dim}",
-                          lambda: cpu_kernels.take_q(vocab, dim, spec))
+        if spec.layout == "vnni16":
+            from ..targets import cpu_vnni
+
+            gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_vnni16_{vocab}x{dim}",
+                                  lambda: cpu_vnni.take_q_vnni(vocab, dim, spec))
+        else:
+            gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_{vocab}x{dim}",
+                                  lambda: cpu_kernels.take_q(vocab, dim, spec))
         out = self.builder_.emit(relax.call_tir(gv, [flat, *parts], relax.TensorType((t, dim), "float32")))
         self.sites += 1
         return relax.op.reshape(out, [*shape, dim])
@@ -132,7 +145,9 @@ def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy,
         n_in = int(func.attrs["num_input"])
         quantized, params, step_weights = {}, list(func.params[:n_in]), []
         for var, w in zip(func.params[n_in:], weights):
-            spec = policy.spec_for(w["name"], int(var.ty.shape[-1])) if len(var.ty.shape) >= 2 else None
+            shape = [int(d) for d in var.ty.shape]
+            spec = policy.spec_for(w["name"], shape[-1], shape[0] if len(shape) == 2 else None) \
+                if len(shape) >= 2 else None
             if spec is None:
                 params.append(var)
                 step_weights.append(w)
