@@ -62,8 +62,10 @@ def decode_weight_bytes(folder: Path) -> int:
     from safetensors import safe_open
 
     manifest = json.loads((folder / "manifest.json").read_text())
-    unread = [f"{name}.qmin" for name, q in manifest["weights"]["quantized"].items()
-              if q["layout"] == "vnni16" and q["symmetric"]]
+    symmetric_vnni = {name.replace(".", "_") for name, q in manifest["weights"]["quantized"].items()
+                      if q["layout"] == "vnni16" and q["symmetric"]}
+    unread = [part for part in manifest["weights"]["order"]  # part names: the weight's, "." → "_"
+              if part.endswith("_qmin") and part[:-len("_qmin")] in symmetric_vnni]
     size = (folder / "weights.safetensors").stat().st_size
     with safe_open(str(folder / "weights.safetensors"), "np") as f:
         for name in unread:
