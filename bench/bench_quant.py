@@ -102,7 +102,8 @@ def main() -> None:
             nbytes = decode_weight_bytes(out)
             bound = bandwidth * 1e9 / nbytes
             acc = manifest.get("accuracy") or {}
-            rows.append({"config": cfg, "act_bits": manifest["options"]["act_bits"], "weights_MiB": nbytes / 2**20, **speed,
+            rows.append({"config": cfg, "act_bits": manifest["options"]["act_bits"], "weights_MiB": nbytes / 2**20,
+                         **speed,
                          "bound_tok_s": bound, "of_bound": speed["decode_tok_s"] / bound,
                          "compile_s": sum(report["stages"].values()),
                          "kl_mean": acc.get("kl_mean"), "top1": acc.get("top1_agreement")})

@@ -117,7 +117,8 @@ def fake_quant(model, policy: QuantPolicy):
                 p.copy_(torch.from_numpy(dequantize(quantize(w, spec), spec, w.shape[-1])))
     hooked = 0
     for name, module in model.named_modules():
-        spec = _spec(policy, name + ".weight", module.weight.shape) if isinstance(module, torch.nn.Linear) else None
+        linear = isinstance(module, torch.nn.Linear)
+        spec = _spec(policy, name + ".weight", module.weight.shape) if linear else None
         if spec is not None and spec.layout == "vnni16":
             module.register_forward_pre_hook(lambda _, args: (quantize_activations(args[0]),))
             hooked += 1
