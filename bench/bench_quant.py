@@ -4,6 +4,7 @@ same random weights when its peer script is available (../shared/tools/llamacpp_
 
     python bench/bench_quant.py                               # 0.3b preset: fp32, 8-bit, 4-bit g32/64/128
     python bench/bench_quant.py --configs 4:32 --llamacpp     # + llama.cpp Q4_0 (builds it once, ~5 min)
+    python bench/bench_quant.py --configs 4:32:8 4:32:none    # int8 vs float32 activations (--act-bits)
 """
 from __future__ import annotations
 
@@ -56,15 +57,28 @@ def read_bandwidth_gbs() -> float:
 
 def decode_weight_bytes(folder: Path) -> int:
     """Bytes of weights a decode step reads: the whole weight file (the embedding rows it skips are
-    offset by the tied lm_head reading that table in full)."""
-    return (folder / "weights.safetensors").stat().st_size
+    offset by the tied lm_head reading that table in full), less the offsets of symmetric vnni16
+    weights, which the int8 kernels derive from the scale instead of reading (targets/cpu_vnni.py)."""
+    from safetensors import safe_open
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    symmetric_vnni = {name.replace(".", "_") for name, q in manifest["weights"]["quantized"].items()
+                      if q["layout"] == "vnni16" and q["symmetric"]}
+    unread = [part for part in manifest["weights"]["order"]  # part names: the weight's, "." → "_"
+              if part.endswith("_qmin") and part[:-len("_qmin")] in symmetric_vnni]
+    size = (folder / "weights.safetensors").stat().st_size
+    with safe_open(str(folder / "weights.safetensors"), "np") as f:
+        for name in unread:
+            part = f.get_slice(name)
+            size -= int(np.prod(part.get_shape())) * (2 if part.get_dtype() == "F16" else 4)
+    return size
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="ernie-4.5-0.3b")
     ap.add_argument("--configs", nargs="+", default=["float", "8:32", "4:32", "4:64", "4:128"],
-                    help="float or BITS:GROUP")
+                    help="float or BITS:GROUP[:ACT] (ACT: --act-bits 8 or none; default auto)")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
@@ -76,11 +90,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in args.configs:
-            bits, group = (None, 32) if cfg == "float" else map(int, cfg.split(":"))
-            out = Path(tmp) / cfg.replace(":", "g")
-            report = compile_model(CompileOptions(output=out, model=args.preset, max_seq_len=512,
-                                                  bits=str(bits) if bits else None, group_size=group),
-                                   log=lambda *_: None)
+            bits, group, act = (None, 32, "auto") if cfg == "float" else (cfg.split(":") + ["auto"])[:3]
+            out = Path(tmp) / cfg.replace(":", "_")
+            report = compile_model(CompileOptions(output=out, model=args.preset, max_seq_len=512, bits=bits,
+                                                  group_size=int(group), act_bits=act), log=lambda *_: None)
             manifest = json.loads((out / "manifest.json").read_text())
             run = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), folder=str(out), prompt=prompt,
                                                                    reps=args.reps, decode=args.decode)],
@@ -89,7 +102,8 @@ def main() -> None:
             nbytes = decode_weight_bytes(out)
             bound = bandwidth * 1e9 / nbytes
             acc = manifest.get("accuracy") or {}
-            rows.append({"config": cfg, "weights_MiB": nbytes / 2**20, **speed,
+            rows.append({"config": cfg, "act_bits": manifest["options"]["act_bits"], "weights_MiB": nbytes / 2**20,
+                         **speed,
                          "bound_tok_s": bound, "of_bound": speed["decode_tok_s"] / bound,
                          "compile_s": sum(report["stages"].values()),
                          "kl_mean": acc.get("kl_mean"), "top1": acc.get("top1_agreement")})

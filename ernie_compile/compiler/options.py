@@ -14,7 +14,7 @@ class CompileOptions:
     max_seq_len: int | None = None  # context limit, prompt + new tokens; None: min(2048, the model's)
     seed: int = 0  # random weights of presets
     preset_overrides: tuple[tuple[str, int | float], ...] = ()  # config fields changed in a preset
-    fuse_attention: bool = True
+    fuse_attention: bool = True  # False: the unfused attention route, a baseline for benchmarks
     dtype: str | None = None  # activations and float weights; None: the target's default
     # weight quantization (compiler/quantize.py): None = float32 weights
     bits: str | None = None  # "4", or per category "experts=2,attn=4,mlp=4,embed=8"
@@ -22,6 +22,9 @@ class CompileOptions:
     group_size: int = 32
     symmetric: bool = True
     scale_dtype: str = "float16"
+    # "8": linears over 4/8-bit weights quantize activations to int8 per block of 32 (x86 VNNI kernels);
+    # "none": float32 activations; "auto": "8" where the target has AVX-512 VNNI, else "none"
+    act_bits: str = "auto"
     # schedule tuning (compiler/tuning.py)
     tune: bool = False  # measure the schedule candidates the database lacks
     tuning_db: Path | None = None

@@ -120,6 +120,20 @@ def _tokenizer(loaded, folder: Path) -> dict:
             "eos_token_ids": eos if isinstance(eos, list) else [eos]}
 
 
+def _act_bits(opts: CompileOptions, target) -> str:
+    """--act-bits resolved: "8" or "none" (recorded in the manifest's options)."""
+    if opts.act_bits not in ("auto", "8", "none"):
+        raise UserError(f"--act-bits {opts.act_bits}: auto, 8 or none")
+    if opts.bits is None and opts.embed_bits is None:
+        return "none"  # float weights: activations stay float too
+    vnni = getattr(target, "int8_dot", False)
+    if opts.act_bits == "8" and not vnni:
+        raise UserError(f"--act-bits 8: target {target.spec} has no AVX-512 VNNI; use --act-bits none")
+    if opts.act_bits == "auto":
+        return "8" if vnni else "none"
+    return opts.act_bits
+
+
 def compile_model(opts: CompileOptions, log=print) -> dict:
     """Compile per `opts`; returns the report (also written to opts.report). Raises UserError."""
     if opts.backend not in BACKENDS:
@@ -163,7 +177,9 @@ class _Tvm:
     def resolve(opts: CompileOptions, log):
         target = get_target(opts.target)
         tvm_target = target.tvm_target()
-        policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype)
+        opts = dataclasses.replace(opts, act_bits=_act_bits(opts, target))
+        policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype,
+                                   8 if opts.act_bits == "8" else None)
         dtype = opts.dtype or target.dtypes[0]
         if dtype not in target.dtypes:
             raise UserError(f"--dtype {dtype}: target {target.name} computes in {' or '.join(target.dtypes)}")

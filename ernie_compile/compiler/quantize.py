@@ -12,6 +12,13 @@ Layouts of a row's words:
 - "lanes16": rows whose length is a multiple of 16·P are cut into blocks of 16 words; word l of
   block b holds elements b·16P + p·16 + l for p = 0 … P − 1. One 16-lane vector load of a block and
   one shift by p·b then yields 16 *consecutive* elements: SIMD dequantization without gathers.
+- "vnni16" (4 and 8 bits; N % 16 == 0, K % 32 == 0, groups of 32·j): for int8-activation kernels
+  (targets/cpu_vnni.py). Rows are cut into tiles of 16 and K into blocks of 32; a tile's block is
+  one run of 16·32·b/8 bytes, vectors of 64 bytes in which byte 4·l + c belongs to row l of the
+  tile (lane l). 8 bits: vector j holds elements 4j + c. 4 bits: vector j (0…3) holds elements
+  4j + c in its low nibbles and 16 + 4j + c in its high ones. Scales and offsets are stored
+  tile-transposed, [N/16, groups, 16] in the same [N, groups] array, so 16 lanes load at once.
+  The arrays keep the shapes of the other layouts: only the order inside each 16-row tile differs.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ class QuantSpec:
     group_size: int
     symmetric: bool = True
     scale_dtype: str = "float16"
-    layout: str = "row"  # or "lanes16"
+    layout: str = "row"  # or "lanes16", "vnni16" (the last: kernels quantize activations to int8)
 
     @property
     def per_word(self) -> int:
@@ -49,16 +56,20 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class QuantPolicy:
-    """Bits per weight category; None: that category stays float32."""
+    """Bits per weight category; None: that category stays float32. act_bits 8: linears over
+    4- and 8-bit weights quantize their input activations to int8 per block of 32 (the vnni16
+    layout and kernels); None: activations stay float32."""
 
     bits: tuple[tuple[str, int | None], ...]
     group_size: int = 32
     symmetric: bool = True
     scale_dtype: str = "float16"
+    act_bits: int | None = None
 
     @classmethod
     def parse(cls, text: str | None, embed_bits: int | None = None, group_size: int = 32,
-              symmetric: bool = True, scale_dtype: str = "float16") -> "QuantPolicy | None":
+              symmetric: bool = True, scale_dtype: str = "float16",
+              act_bits: int | None = None) -> "QuantPolicy | None":
         """'4' → every category at 4 bits; 'experts=2,attn=4,embed=8' → per category (others float)."""
         if text is None and embed_bits is None:
             return None
@@ -79,11 +90,13 @@ class QuantPolicy:
             raise UserError(f"--group-size {group_size}: must be a power of two, at least 8")
         if scale_dtype not in ("float16", "float32"):
             raise UserError(f"--scale-dtype {scale_dtype}: float16 or float32")
-        return cls(tuple(table.items()), group_size, symmetric, scale_dtype)
+        return cls(tuple(table.items()), group_size, symmetric, scale_dtype, act_bits)
 
-    def spec_for(self, weight_name: str, k: int, layouts=("lanes16", "row")) -> QuantSpec | None:
-        """The spec for a weight by its transformers name, or None to keep it float. `layouts`: those
-        the target's kernels read, preferred first ("row" always works)."""
+    def spec_for(self, weight_name: str, k: int, n: int | None = None,
+                 layouts=("vnni16", "lanes16", "row")) -> QuantSpec | None:
+        """The spec for a weight [n, k] by its transformers name, or None to keep it float. n: the
+        rows of a 2-D weight (None for stacked expert weights, which never take vnni16). `layouts`:
+        those the target's kernels read, preferred first ("row" always works)."""
         category = category_of(weight_name)
         bits = dict(self.bits).get(category) if category else None
         if bits is None:
@@ -91,13 +104,16 @@ class QuantPolicy:
         group = self.group_size
         while k % group:  # the largest power of two ≤ group_size dividing K
             group //= 2
+        if (self.act_bits == 8 and "vnni16" in layouts and bits in (4, 8) and n is not None and n % LANES == 0
+                and k % 32 == 0 and group % 32 == 0):
+            return QuantSpec(bits, group, self.symmetric, self.scale_dtype, "vnni16")
         per = 32 // bits
         lanes = "lanes16" in layouts and k % (LANES * per) == 0 and group % LANES == 0
         return QuantSpec(bits, group, self.symmetric, self.scale_dtype, "lanes16" if lanes else "row")
 
     def as_dict(self) -> dict:
         return {"bits": dict(self.bits), "group_size": self.group_size, "symmetric": self.symmetric,
-                "scale_dtype": self.scale_dtype}
+                "scale_dtype": self.scale_dtype, "act_bits": self.act_bits}
 
 
 def _bits(text: str) -> int:
@@ -141,8 +157,41 @@ def quantize(w: np.ndarray, spec: QuantSpec) -> dict[str, np.ndarray]:
         scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(spec.scale_dtype).astype(np.float64)
         offset = lo.astype(spec.scale_dtype).astype(np.float64)
     codes = np.clip(np.rint((grouped - offset[..., None]) / scale[..., None]), 0, top).astype(np.uint32)
-    return {"qweight": pack(codes.reshape(*lead, k), spec.bits, spec.layout),
-            "qscale": scale.astype(spec.scale_dtype), "qmin": offset.astype(spec.scale_dtype)}
+    scale, offset = scale.astype(spec.scale_dtype), offset.astype(spec.scale_dtype)
+    if spec.layout == "vnni16":
+        scale, offset = _tile_major(scale), _tile_major(offset)
+    return {"qweight": pack(codes.reshape(*lead, k), spec.bits, spec.layout), "qscale": scale, "qmin": offset}
+
+
+def _tile_major(a: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """[..., N, G] ↔ the vnni16 order [..., N/16, G, 16] (same shape, tile-transposed)."""
+    *lead, n, g = a.shape
+    if inverse:
+        return a.reshape(*lead, n // LANES, g, LANES).swapaxes(-1, -2).reshape(*lead, n, g)
+    return a.reshape(*lead, n // LANES, LANES, g).swapaxes(-1, -2).reshape(*lead, n, g)
+
+
+def _vnni16(codes: np.ndarray, bits: int, inverse: bool = False) -> np.ndarray:
+    """Codes [..., N, K] ↔ the vnni16 packed words [..., N, K·bits/32] (see the module docstring)."""
+    if inverse:
+        *lead, n, words = codes.shape
+        k = words * 32 // bits
+        b = codes.astype("<u4").view(np.uint8).reshape(*lead, n // LANES, k // 32, bits, LANES, 4)
+        if bits == 4:  # [.., t, b, j, l, c] → [.., t, l, b, h, j, c]
+            b = np.stack([b & 15, b >> 4], axis=-4)  # [.., t, b, h, j, l, c]
+            b = np.moveaxis(b, -2, -5)  # [.., t, l, b, h, j, c]
+        else:  # [.., t, b, j, l, c] → [.., t, l, b, j, c]
+            b = np.moveaxis(b, -2, -4)
+        return b.reshape(*lead, n, k).astype(np.uint32)
+    *lead, n, k = codes.shape
+    c = codes.astype(np.uint8)
+    if bits == 4:
+        c = c.reshape(*lead, n // LANES, LANES, k // 32, 2, 4, 4)  # [.., t, l, b, h, j, c]
+        c = c[..., 0, :, :] | (c[..., 1, :, :] << 4)  # [.., t, l, b, j, c]
+    else:
+        c = c.reshape(*lead, n // LANES, LANES, k // 32, 8, 4)  # [.., t, l, b, j, c]
+    c = np.ascontiguousarray(np.moveaxis(c, -4, -2))  # [.., t, b, j, l, c]
+    return c.reshape(*lead, n, -1).view("<u4").astype(np.uint32)
 
 
 def _lanes16(codes: np.ndarray, per: int, inverse: bool = False) -> np.ndarray:
@@ -154,6 +203,8 @@ def _lanes16(codes: np.ndarray, per: int, inverse: bool = False) -> np.ndarray:
 
 
 def pack(codes: np.ndarray, bits: int, layout: str = "row") -> np.ndarray:
+    if layout == "vnni16":
+        return _vnni16(codes, bits)
     per = 32 // bits
     if layout == "lanes16":
         codes = _lanes16(codes, per)
@@ -167,6 +218,8 @@ def pack(codes: np.ndarray, bits: int, layout: str = "row") -> np.ndarray:
 
 
 def unpack(packed: np.ndarray, bits: int, k: int, layout: str = "row") -> np.ndarray:
+    if layout == "vnni16":
+        return _vnni16(packed, bits, inverse=True)
     per = 32 // bits
     shifts = np.arange(per, dtype=np.uint32) * bits
     codes = (packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)
@@ -180,7 +233,10 @@ def dequantize(parts: dict[str, np.ndarray], spec: QuantSpec, k: int) -> np.ndar
     *lead, _ = codes.shape
     g = spec.group_size
     codes = codes.reshape(*lead, k // g, g)
-    w = codes * parts["qscale"].astype(np.float32)[..., None] + parts["qmin"].astype(np.float32)[..., None]
+    scale, offset = parts["qscale"], parts["qmin"]
+    if spec.layout == "vnni16":
+        scale, offset = _tile_major(scale, inverse=True), _tile_major(offset, inverse=True)
+    w = codes * scale.astype(np.float32)[..., None] + offset.astype(np.float32)[..., None]
     return w.reshape(*lead, k)
 
 

@@ -79,7 +79,7 @@ class _Rewriter(relax.PyExprMutator):
         static_m = int(m) if self.make.SPECIALIZE_STATIC_M and isinstance(m, (int, tirx.IntImm)) else None
         # the importer may accumulate a float16 linear in float32 (matmul out_dtype): keep its output type
         out = {"out_dtype": call.ty.dtype} if call.ty.dtype != x.ty.dtype else {}
-        gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{n}x{k}_{x.ty.dtype}" + (f"_m{static_m}" if static_m else "")
+        gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{spec.layout}_{n}x{k}_{x.ty.dtype}" + (f"_m{static_m}" if static_m else "")
                               + (f"_{call.ty.dtype}" if out else ""),
                               lambda: self.make.linear_q(n, k, spec, x.ty.dtype, m=static_m, **out))
         y = relax.call_tir(gv, [self.builder_.emit(relax.op.reshape(x, [m, k])), *parts],
@@ -100,7 +100,7 @@ class _Rewriter(relax.PyExprMutator):
             t = t * d
         flat = self.builder_.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [t]))
         dtype = call.args[0].ty.dtype
-        gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_{vocab}x{dim}_{dtype}",
+        gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_{spec.layout}_{vocab}x{dim}_{dtype}",
                               lambda: self.make.take_q(vocab, dim, spec, dtype))
         out = self.builder_.emit(relax.call_tir(gv, [flat, *parts], relax.TensorType((t, dim), dtype)))
         self.sites += 1
@@ -146,7 +146,9 @@ def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy, target_kern
         n_in = int(func.attrs["num_input"])
         quantized, params, step_weights = {}, list(func.params[:n_in]), []
         for var, w in zip(func.params[n_in:], weights):
-            spec = policy.spec_for(w["name"], int(var.ty.shape[-1]), target_kernels.QUANT_LAYOUTS) if len(var.ty.shape) >= 2 else None
+            shape = [int(d) for d in var.ty.shape]
+            spec = policy.spec_for(w["name"], shape[-1], shape[0] if len(shape) == 2 else None,
+                                   target_kernels.QUANT_LAYOUTS) if len(shape) >= 2 else None
             if spec is None:
                 params.append(var)
                 step_weights.append(w)

@@ -53,6 +53,11 @@ class CpuTarget:
         except Exception as e:  # TVM reports unknown triples as generic errors
             raise UserError(f"target {self.spec!r}: LLVM does not accept it ({str(e).splitlines()[0]})") from None
 
+    @property
+    def int8_dot(self) -> bool:
+        """Whether the CPU has AVX-512 VNNI, which the int8-activation kernels (cpu_vnni.py) need."""
+        return bool(tvm.target.codegen.target_has_features("avx512vnni", self.tvm_target()))
+
     def passes(self, mod: tvm.IRModule, tuner=None):
         """Target-specific Relax passes before the build: linears onto our scheduled kernels, with
         the schedule parameters `tuner` (compiler/tuning.py) picks, else the defaults."""

@@ -11,7 +11,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 SPECIALIZE_STATIC_M = False  # one linear_q kernel serves every M (decode and prefill alike)
-QUANT_LAYOUTS = ("lanes16", "row")  # packed-weight layouts the kernels read, preferred first
+QUANT_LAYOUTS = ("vnni16", "lanes16", "row")  # packed-weight layouts the kernels read, preferred first
 
 
 def vector_width(k: int) -> int:
@@ -108,9 +108,14 @@ def _word_and_slot(c, spec):
 
 def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None):
     """y[M, N] = x[M, K] · dequant(W)ᵀ with W stored as packed codes + group scales/offsets
-    (compiler/quantize.py). Decode (M = 1, lanes16) dequantizes in registers inside the dot
+    (compiler/quantize.py). "vnni16" weights: int8 activations and VNNI dot products
+    (targets/cpu_vnni.py). Decode (M = 1, lanes16) dequantizes in registers inside the dot
     product; otherwise each task dequantizes 4 weight rows into a buffer and runs the float GEMM
     tile (_gemm_columns) over all M rows. No full-precision weight matrix exists at any time."""
+    if spec.layout == "vnni16":
+        from .cpu_vnni import linear_q_vnni
+
+        return linear_q_vnni(n, k, spec)
     bits, per, group = spec.bits, spec.per_word, spec.group_size
     words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
     aligned = group % per == 0
@@ -174,6 +179,10 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None)
 
 def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
     """Embedding lookup from a quantized table: out[T, D] = dequant(W[ids[t]])."""
+    if spec.layout == "vnni16":
+        from .cpu_vnni import take_q_vnni
+
+        return take_q_vnni(vocab, dim, spec)
     bits, group = spec.bits, spec.group_size
     words, groups, sdt = spec.words(dim), dim // spec.group_size, spec.scale_dtype
 
