@@ -116,12 +116,15 @@ def _kv_cache_module(config, dtype: str, target: tvm.target.Target, rope_mode: s
     spec["$"] = {"param_mode": "none", "effect_mode": "none"}
     with target:
         mod, _ = KVCache().export_tvm(spec={"create_kv": spec})
-    if target.kind.name == "llvm":  # TVM's CPU attention kernels are one thread, scalar: use ours
-        from ..targets.cpu_kernels import paged_decode_attention, ragged_prefill_attention
+    if target.kind.name == "llvm":  # TVM's CPU attention and RoPE kernels are one thread, scalar: use ours
+        from ..targets.cpu_kernels import fused_rope, paged_decode_attention, ragged_prefill_attention
 
         heads = (config.num_key_value_heads, config.num_attention_heads, head_dim, dtype)
+        rope = fused_rope(config.num_attention_heads, config.num_key_value_heads, head_dim,
+                          float(config.rope_parameters["rope_theta"]), dtype)
         for name, kernel in (("batch_decode_paged_kv_cpu", paged_decode_attention(*heads, PAGE_SIZE)),
-                             ("batch_prefill_ragged_kv", ragged_prefill_attention(*heads))):
+                             ("batch_prefill_ragged_kv", ragged_prefill_attention(*heads)),
+                             ("fused_rope", rope)):
             mod[mod.get_global_var(name)] = kernel.with_attr("global_symbol", name)
     return mod
 
