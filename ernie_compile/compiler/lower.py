@@ -120,7 +120,8 @@ def _kv_cache_module(config, dtype: str, target, rope_mode: str) -> tvm.IRModule
     with tvm_target:
         mod, _ = KVCache().export_tvm(spec={"create_kv": spec})
     heads = (config.num_key_value_heads, config.num_attention_heads, head_dim, dtype, PAGE_SIZE)
-    for name, kernel in target.kernels.kv_cache_overrides(*heads).items():
+    theta = float(config.rope_parameters["rope_theta"])
+    for name, kernel in target.kernels.kv_cache_overrides(*heads, theta).items():
         mod[mod.get_global_var(name)] = kernel.with_attr("global_symbol", name)
     return mod
 

@@ -23,7 +23,8 @@ def _i64(*values: int):
     return tuple(tirx.IntImm("int64", int(v)) for v in values)
 
 
-def kv_cache_overrides(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int) -> dict:
+def kv_cache_overrides(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int,
+                       rope_theta: float) -> dict:
     """TVM's paged KV cache brings scheduled GPU attention kernels: nothing to replace."""
     return {}
 
