@@ -3,6 +3,7 @@
     python bench/bench.py                                   # 0.3b preset, float32 and 4-bit
     python bench/bench.py --preset ernie-tiny --bits none   # quick
     python bench/bench.py --llamacpp --json out.json         # + llama.cpp Q4_0 (builds it once, ~5 min)
+    python bench/bench.py --tuning-db db.jsonl               # + ours float32 with tuned schedules
 
 Rows: ours (TVM backend) per --bits, the inductor backend (AOTInductor, float32), transformers eager
 (float32, sdpa, its own KV cache), llama.cpp Q4_0 when asked. Columns: compile time per stage,
@@ -48,7 +49,7 @@ def ours(preset: str, out: Path, prompt, args, bandwidth: float, label: str, **o
     report = compile_model(CompileOptions(output=out, model=preset, max_seq_len=512, **opts), log=lambda *_: None)
     speed = run_artifact(out, prompt, args.decode, args.reps)
     nbytes = decode_weight_bytes(out) if (out / "weights.safetensors").exists() else None
-    row = {"config": label, **{f"{k} s": v for k, v in report["stages"].items() if k != "accuracy"},
+    row = {"config": label, **{f"{k} s": v for k, v in report["stages"].items() if k not in ("accuracy", "load")},
            "artifact MiB": report["artifact_bytes"] / 2**20, "peak RSS MiB": speed["peak_rss_MiB"],
            "prefill tok/s": speed["prefill_tok_s"], "first token ms": 1000 * len(prompt) / speed["prefill_tok_s"],
            "decode tok/s": speed["decode_tok_s"]}
@@ -61,10 +62,12 @@ def ours(preset: str, out: Path, prompt, args, bandwidth: float, label: str, **o
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="ernie-4.5-0.3b")
-    ap.add_argument("--bits", nargs="+", default=["none", "4"], help="our configurations: none (float32) or bits")
+    ap.add_argument("--bits", nargs="*", default=["none", "4"], help="our configurations: none (float32) or bits")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tuning-db", type=Path, help="also: ours float32 with this database's schedules "
+                                                   "(searched first where it lacks them)")
     ap.add_argument("--no-inductor", action="store_true")
     ap.add_argument("--llamacpp", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -77,6 +80,10 @@ def main() -> None:
             label = "ours float32" if bits == "none" else f"ours {bits}-bit g32"
             rows.append(ours(args.preset, Path(tmp) / f"tvm-{bits}", prompt, args, bandwidth, label,
                              bits=None if bits == "none" else bits))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if args.tuning_db:
+            rows.append(ours(args.preset, Path(tmp) / "tvm-tuned", prompt, args, bandwidth, "ours float32 tuned",
+                             tune=True, tuning_db=args.tuning_db))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if not args.no_inductor:
             rows.append(ours(args.preset, Path(tmp) / "inductor", prompt, args, bandwidth, "inductor float32",

@@ -62,6 +62,8 @@ def decode_weight_bytes(folder: Path) -> int:
     from safetensors import safe_open
 
     manifest = json.loads((folder / "manifest.json").read_text())
+    if not manifest["weights"].get("quantized"):  # float weights (either backend): all of them are read
+        return (folder / "weights.safetensors").stat().st_size
     symmetric_vnni = {name.replace(".", "_") for name, q in manifest["weights"]["quantized"].items()
                       if q["layout"] == "vnni16" and q["symmetric"]}
     unread = [part for part in manifest["weights"]["order"]  # part names: the weight's, "." → "_"
