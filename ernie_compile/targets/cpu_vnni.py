@@ -70,7 +70,6 @@ def linear_q_vnni(n: int, k: int, spec, dtype: str = "float32", tokens: int = 4,
     bits, group, sdt = spec.bits, spec.group_size, spec.scale_dtype
     words, groups, blocks = spec.words(k), k // group, k // BLOCK
     tiles = n // TILE
-    vecs = 8  # uint32x16 code vectors per (tile, block) after nibble split: 32 × 16 bytes / 64
     quantize_rows = _quantize_rows(k)
 
     def code_vec(qwf, t, b, j):  # vector j of 8: 4 bytes per lane = 4 consecutive K of one row

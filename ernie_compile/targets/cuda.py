@@ -84,16 +84,11 @@ class CudaTarget:
     def passes(self, mod: tvm.IRModule, tuner=None):
         return mod, []  # linears stay Relax matmuls: dlight's GEMV / Matmul rules schedule them
 
-    def schedule_rules(self):
-        from tvm.s_tir import dlight as dl
-
-        return (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
-
     def build(self, mod: tvm.IRModule, out_dir: Path) -> tuple[Path, dict]:
         target = self.tvm_target()
         # dlight's Matmul rule picks tensor-core tensorization for float16 from sm_70 on, and that
         # path crashes in this TVM wheel: schedule as for sm_60 (SIMT matmuls), build for the archs.
-        mod, kernels = gpu_build.schedule(mod, self.tvm_target(SCHEDULE_ARCH), self.schedule_rules())
+        mod, kernels = gpu_build.schedule(mod, self.tvm_target(SCHEDULE_ARCH))
         executable = gpu_build.lower_and_build(mod, target, kernels)
         source = gpu_build.device_source(executable.mod, "cuda")
         (out_dir / FATBIN).write_bytes(nvcc_fatbin(source, self.archs))

@@ -32,11 +32,14 @@ def _is_bound(func: tirx.PrimFunc) -> bool:
     return "blockIdx." in text or "threadIdx." in text
 
 
-def schedule(mod: tvm.IRModule, target: tvm.target.Target, rules) -> tuple[tvm.IRModule, KernelReport]:
-    """Relax module → every PrimFunc legalized, fused and scheduled by `rules` (dlight), plus the
-    kernel report. Functions that arrive scheduled (ours, TVM's KV cache) are left as they are."""
+def schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, KernelReport]:
+    """Relax module → every PrimFunc legalized, fused and scheduled by dlight's GPU rules (GEMV for
+    decode, Matmul for prefill, reductions, a fallback for the rest), plus the kernel report.
+    Functions that arrive scheduled (ours, TVM's KV cache) are left as they are."""
     from tvm.relax.backend.cuda import pipeline as cuda_pipeline
     from tvm.s_tir import dlight as dl
+
+    rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
 
     passes = [*cuda_pipeline.library_dispatch_passes(target),
               relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),

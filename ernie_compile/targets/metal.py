@@ -67,13 +67,8 @@ class MetalTarget:
     def passes(self, mod: tvm.IRModule, tuner=None):
         return mod, []  # linears stay Relax matmuls: dlight's GEMV / Matmul rules schedule them
 
-    def schedule_rules(self):
-        from tvm.s_tir import dlight as dl
-
-        return (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
-
     def build(self, mod: tvm.IRModule, out_dir: Path) -> tuple[Path, dict]:
-        mod, kernels = gpu_build.schedule(mod, self.schedule_target(), self.schedule_rules())
+        mod, kernels = gpu_build.schedule(mod, self.schedule_target())
         executable = gpu_build.lower_and_build(mod, self.tvm_target(), kernels)
         source = gpu_build.device_source(executable.mod, "metal")
         (out_dir / MSL).write_text(source)
