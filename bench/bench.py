@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,22 +25,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench_e2e import eager_speed  # noqa: E402
-from bench_quant import RUN, decode_weight_bytes, read_bandwidth_gbs  # noqa: E402
-from common import print_table  # noqa: E402
+from bench_quant import decode_weight_bytes, read_bandwidth_gbs  # noqa: E402
+from common import llamacpp_peer, print_table, run_artifact  # noqa: E402
 
-from ernie_compile.compiler.load import ASSETS, load_preset  # noqa: E402
+from ernie_compile.compiler.load import load_preset  # noqa: E402
 from ernie_compile.compiler.options import CompileOptions  # noqa: E402
 from ernie_compile.compiler.pipeline import compile_model  # noqa: E402
-
-
-def run_artifact(folder: Path, prompt: list[int], decode: int, reps: int) -> dict:
-    """Speeds and peak RSS of a fresh runtime process (what a user's process would hold)."""
-    proc = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), folder=str(folder), prompt=prompt,
-                                                            reps=reps, decode=decode)],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def ours(preset: str, out: Path, prompt, args, bandwidth: float, label: str, **opts) -> dict:
@@ -93,22 +81,14 @@ def main() -> None:
         pre, dec = eager_speed(model, prompt, args.decode, args.reps)
         rows.append({"config": "transformers eager float32", "prefill tok/s": pre,
                      "first token ms": 1000 * len(prompt) / pre, "decode tok/s": dec})
-        if args.llamacpp:
-            hf = Path(tmp) / "hf"
-            model.save_pretrained(hf)
-            shutil.copyfile(ASSETS / "tokenizer.model", hf / "tokenizer.model")
-            peer = subprocess.run(["bash", str(ROOT.parent / "shared" / "tools" / "llamacpp_peer.sh"), str(hf),
-                                   "Q4_0", "2", str(args.prompt), str(args.decode)], capture_output=True, text=True)
-            if peer.returncode == 0:
-                p = json.loads(peer.stdout.strip().splitlines()[-1])
-                bound = bandwidth * 1e9 / p["size_bytes"]
-                rows.append({"config": "llama.cpp Q4_0", "artifact MiB": p["size_bytes"] / 2**20,
-                             "prefill tok/s": p["prefill_tok_s_median"],
-                             "first token ms": 1000 * args.prompt / p["prefill_tok_s_median"],
-                             "decode tok/s": p["decode_tok_s_median"], "bound tok/s": bound,
-                             "of bound": p["decode_tok_s_median"] / bound})
-            else:
-                print(f"llama.cpp peer failed: {peer.stderr[-500:]}", file=sys.stderr)
+        p = llamacpp_peer(model, Path(tmp) / "hf", args.prompt, args.decode) if args.llamacpp else None
+        if p:
+            bound = bandwidth * 1e9 / p["size_bytes"]
+            rows.append({"config": "llama.cpp Q4_0", "artifact MiB": p["size_bytes"] / 2**20,
+                         "prefill tok/s": p["prefill_tok_s_median"],
+                         "first token ms": 1000 * args.prompt / p["prefill_tok_s_median"],
+                         "decode tok/s": p["decode_tok_s_median"], "bound tok/s": bound,
+                         "of bound": p["decode_tok_s_median"] / bound})
     print(f"\n{args.preset} on the CPU (2 threads), read bandwidth {bandwidth:.1f} GB/s; prompt {args.prompt}, "
           f"decode {args.decode}, medians of {args.reps}\n")
     print_table(rows)

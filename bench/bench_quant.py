@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,26 +20,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ernie_compile.compiler.load import ASSETS, load_preset  # noqa: E402
+from ernie_compile.compiler.load import load_preset  # noqa: E402
 from ernie_compile.compiler.options import CompileOptions  # noqa: E402
 from ernie_compile.compiler.pipeline import compile_model  # noqa: E402
-from common import print_table  # noqa: E402  (bench/common.py)
+from common import llamacpp_peer, print_table, run_artifact  # noqa: E402  (bench/common.py)
 
-RUN = """
-import json, statistics, sys
-sys.path.insert(0, {root!r})
-from ernie_compile.runtime import Session
-s = Session({folder!r})
-prompt = {prompt!r}
-pre, dec = [], []
-for _ in range({reps} + 1):
-    r = s.generate(prompt, {decode} + 1, stop_at_eos=False)
-    pre.append(r.prefill_tok_s); dec.append(r.decode_tok_s)
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked (large) parent
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({{"prefill_tok_s": statistics.median(pre[1:]), "decode_tok_s": statistics.median(dec[1:]),
-                  "peak_rss_MiB": int(hwm) / 1024}}))
-"""
 
 
 def read_bandwidth_gbs() -> float:
@@ -97,10 +80,7 @@ def main() -> None:
             report = compile_model(CompileOptions(output=out, model=args.preset, max_seq_len=512, bits=bits,
                                                   group_size=int(group), act_bits=act), log=lambda *_: None)
             manifest = json.loads((out / "manifest.json").read_text())
-            run = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), folder=str(out), prompt=prompt,
-                                                                   reps=args.reps, decode=args.decode)],
-                                 capture_output=True, text=True, check=True)
-            speed = json.loads(run.stdout.strip().splitlines()[-1])
+            speed = run_artifact(out, prompt, args.decode, args.reps)
             nbytes = decode_weight_bytes(out)
             bound = bandwidth * 1e9 / nbytes
             acc = manifest.get("accuracy") or {}
@@ -110,20 +90,13 @@ def main() -> None:
                          "compile_s": sum(report["stages"].values()),
                          "kl_mean": acc.get("kl_mean"), "top1": acc.get("top1_agreement")})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        if args.llamacpp:
-            hf = Path(tmp) / "hf"
-            load_preset(args.preset).model.save_pretrained(hf)
-            shutil.copyfile(ASSETS / "tokenizer.model", hf / "tokenizer.model")
-            peer = subprocess.run(["bash", str(ROOT.parent / "shared" / "tools" / "llamacpp_peer.sh"), str(hf), "Q4_0",
-                                   "2", str(args.prompt), str(args.decode)], capture_output=True, text=True)
-            if peer.returncode == 0:
-                p = json.loads(peer.stdout.strip().splitlines()[-1])
-                rows.append({"config": "llama.cpp Q4_0", "weights_MiB": p["size_bytes"] / 2**20,
-                             "prefill_tok_s": p["prefill_tok_s_median"], "decode_tok_s": p["decode_tok_s_median"],
-                             "bound_tok_s": bandwidth * 1e9 / p["size_bytes"]})
-                rows[-1]["of_bound"] = rows[-1]["decode_tok_s"] / rows[-1]["bound_tok_s"]
-            else:
-                print(f"llama.cpp peer failed: {peer.stderr[-500:]}", file=sys.stderr)
+        p = llamacpp_peer(load_preset(args.preset).model, Path(tmp) / "hf", args.prompt, args.decode) \
+            if args.llamacpp else None
+        if p:
+            rows.append({"config": "llama.cpp Q4_0", "weights_MiB": p["size_bytes"] / 2**20,
+                         "prefill_tok_s": p["prefill_tok_s_median"], "decode_tok_s": p["decode_tok_s_median"],
+                         "bound_tok_s": bandwidth * 1e9 / p["size_bytes"]})
+            rows[-1]["of_bound"] = rows[-1]["decode_tok_s"] / rows[-1]["bound_tok_s"]
     print(f"\n{args.preset}, 2 threads, read bandwidth {bandwidth:.1f} GB/s (torch sum over 1 GiB); "
           f"prompt {args.prompt}, decode {args.decode}, medians of {args.reps}\n")
     print_table(rows)
