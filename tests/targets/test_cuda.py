@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import MOE_CONFIGS, make_checkpoint, run_cli
+from conftest import run_cli
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
 from ernie_compile.targets.cuda import fatbin_entries
@@ -26,12 +26,11 @@ def dense_fp16(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def moe_q4(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda-moe")
-    folder = make_checkpoint(root / "ckpt", MOE_CONFIGS["e8-k2-s1-i2-st1"], seed=2, moe=True)
-    compile_model(CompileOptions(output=root / "out", model=str(folder), target="cuda:sm_90", bits="4"),
-                  log=lambda *_: None)
-    return root / "out"
+def moe_q4(tmp_path_factory, moe_checkpoints):
+    out = tmp_path_factory.mktemp("cuda-moe") / "out"
+    compile_model(CompileOptions(output=out, model=str(moe_checkpoints["e8-k2-s1-i2-st1"]), target="cuda:sm_90",
+                                 bits="4"), log=lambda *_: None)
+    return out
 
 
 def _manifest(folder):

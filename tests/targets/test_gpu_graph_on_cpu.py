@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from conftest import DENSE_CONFIGS, MOE_CONFIGS, PROMPT_IDS, eager_greedy, eager_model, make_checkpoint, rel_error
+from conftest import PROMPT_IDS, eager_greedy, eager_model, rel_error
 from test_quantize import fake_quant
 from ernie_compile import targets
 from ernie_compile.compiler.options import CompileOptions
@@ -47,18 +47,19 @@ def _register(monkeypatch):
     monkeypatch.setitem(targets.TARGETS, GpuGraphOnCpu.name, GpuGraphOnCpu)
 
 
-CASES = {  # name: (config, moe, dtype, bits, logits tolerance)
-    "dense-fp32": (DENSE_CONFIGS["gqa-tied-hd48"], False, "float32", None, 1e-4),
-    "dense-fp16": (DENSE_CONFIGS["gqa-tied-hd48"], False, "float16", None, 2e-2),
-    "moe-fp32-q4": (MOE_CONFIGS["e8-k2-s1-i2-st1"], True, "float32", "4", 1e-4),
-    "moe-fp16-q4": (MOE_CONFIGS["e8-k3-bias"], True, "float16", "4", 2e-2),
+CASES = {  # name: (checkpoint fixture, config, dtype, bits, logits tolerance)
+    "dense-fp32": ("checkpoints", "gqa-tied-hd48", "float32", None, 1e-4),
+    "dense-fp16": ("checkpoints", "gqa-tied-hd48", "float16", None, 2e-2),
+    "moe-fp32-q4": ("moe_checkpoints", "e8-k2-s1-i2-st1", "float32", "4", 1e-4),
+    "moe-fp16-q4": ("moe_checkpoints", "e8-k3-bias", "float16", "4", 2e-2),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_gpu_graph_matches_eager(case, tmp_path):
-    cfg, moe, dtype, bits, tol = CASES[case]
-    folder = make_checkpoint(tmp_path / "ckpt", cfg, seed=3, moe=moe)
+def test_gpu_graph_matches_eager(case, tmp_path, request):
+    fixture, config, dtype, bits, tol = CASES[case]
+    folder = request.getfixturevalue(fixture)[config]
+    moe = fixture == "moe_checkpoints"
     out = tmp_path / "out"
     report = compile_model(CompileOptions(output=out, model=str(folder), target=GpuGraphOnCpu.name, dtype=dtype,
                                           bits=bits, max_seq_len=64), log=lambda *_: None)

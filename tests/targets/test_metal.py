@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-from conftest import MOE_CONFIGS, make_checkpoint, run_cli
+from conftest import run_cli
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
 from ernie_compile.targets.metal import msl_syntax_check
@@ -27,12 +27,11 @@ def dense_macos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def moe_ios_q4(tmp_path_factory):
-    root = tmp_path_factory.mktemp("metal-moe")
-    folder = make_checkpoint(root / "ckpt", MOE_CONFIGS["e8-k2-s1-i2-st1"], seed=2, moe=True)
-    compile_model(CompileOptions(output=root / "out", model=str(folder), target="metal:ios", bits="4"),
-                  log=lambda *_: None)
-    return root / "out"
+def moe_ios_q4(tmp_path_factory, moe_checkpoints):
+    out = tmp_path_factory.mktemp("metal-moe") / "out"
+    compile_model(CompileOptions(output=out, model=str(moe_checkpoints["e8-k2-s1-i2-st1"]), target="metal:ios",
+                                 bits="4"), log=lambda *_: None)
+    return out
 
 
 @pytest.mark.parametrize("artifact, triple", [("dense_macos", "arm64-apple-macos"), ("moe_ios_q4", "arm64-apple-ios")])
