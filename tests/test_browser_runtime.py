@@ -126,7 +126,8 @@ def launches(T, logits_kernel: str) -> list[dict]:
     """One call's launch list; T is "T" (prefill, an expression variable) or 1 (decode)."""
     wide = logits_kernel == "logits"
     return [
-        {"kernel": "embed", "buffers": [6, 0, 3], "scalars": [T], "grid": [["floordiv", ["add", ["mul", T, D], 63], 64], 1]},
+        {"kernel": "embed", "buffers": [6, 0, 3], "scalars": [T],
+         "grid": [["floordiv", ["add", ["mul", T, D], 63], 64], 1]},
         {"kernel": "kv_write", "buffers": [7, 3, 2], "scalars": [T], "grid": [1, T]},
         {"kernel": "context", "buffers": [7, 2, 4], "scalars": [T], "grid": [1, 1]},
         {"kernel": logits_kernel, "buffers": [1, 4, 5], "scalars": [V, T],

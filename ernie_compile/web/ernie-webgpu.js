@@ -35,7 +35,9 @@ export async function loadArtifact(baseUrl = "./", { log = () => {} } = {}) {
     throw new Error("crypto.subtle is unavailable (serve the page from https or localhost) — cannot verify sha256");
   }
   const manifest = JSON.parse(await fetchText(new URL("manifest.json", base)));
-  if (manifest.backend !== "webgpu") throw new Error(`manifest backend is "${manifest.backend}", not "webgpu"`);
+  if (manifest.format_version !== 1 || manifest.backend !== "webgpu") {
+    throw new Error(`not a WebGPU artifact (format_version ${manifest.format_version}, backend "${manifest.backend}")`);
+  }
   const files = manifest.files || {};
   const read = async (name) => fetchVerified(base, name, files);
 
@@ -50,7 +52,16 @@ export async function loadArtifact(baseUrl = "./", { log = () => {} } = {}) {
   checkAdapter(adapter, plan.features || [], requiredLimits);
   const device = await adapter.requestDevice({ requiredFeatures: plan.features || [], requiredLimits });
   log(`adapter: ${describeAdapter(adapter)}`);
+  try {
+    return await build(device, adapter, manifest, plan, read, log);
+  } catch (e) {
+    device.destroy();
+    throw e;
+  }
+}
 
+/** Everything loadArtifact creates on the device: buffers, pipelines, bind groups, uniforms. */
+async function build(device, adapter, manifest, plan, read, log) {
   device.pushErrorScope("validation");
   const shards = [];
   for (const s of plan.shards || []) shards.push(await read(s.file));
@@ -99,9 +110,8 @@ class Artifact {
     const useDecode = T === 1 && this.functions.decode;
     const fn = useDecode ? this.functions.decode : this.functions.prefill;
     const vars = useDecode ? {} : { T };
-    for (const [v, [lo, hi]] of Object.entries(useDecode ? {} : this.plan.vars || {})) {
-      if (!(vars[v] >= lo && vars[v] <= hi)) throw new Error(`${v} = ${vars[v]} is outside [${lo}, ${hi}]`);
-    }
+    const [lo, hi] = this.plan.vars?.T ?? [1, this.plan.max_seq_len];
+    if (!useDecode && (T < lo || T > hi)) throw new Error(`prefill of ${T} tokens: T must lie in [${lo}, ${hi}]`);
 
     const { queue } = this.device;
     const positions = Int32Array.from(ids, (_, i) => startPos + i);
@@ -128,10 +138,14 @@ class Artifact {
     const bytes = roundUp(count * OUTPUT_DTYPES[fn.output.dtype], 4);
     encoder.copyBufferToBuffer(this.buffers[fn.output.buffer], 0, fn.readback, 0, bytes);
     queue.submit([encoder.finish()]);
-    const error = await this.device.popErrorScope();
-    if (error) throw new Error(`WebGPU validation error in a step: ${error.message}`);
-
-    await fn.readback.mapAsync(GPUMapMode.READ, 0, bytes);
+    // Both settle after the GPU work; a validation error explains a failed map, so it is reported first.
+    const [scope, map] = await Promise.allSettled([
+      this.device.popErrorScope(), fn.readback.mapAsync(GPUMapMode.READ, 0, bytes)]);
+    if (scope.value) {
+      if (map.status === "fulfilled") fn.readback.unmap();
+      throw new Error(`WebGPU validation error in a step: ${scope.value.message}`);
+    }
+    if (map.status === "rejected") throw map.reason;
     const raw = fn.readback.getMappedRange(0, bytes).slice(0);
     fn.readback.unmap();
     return fn.output.dtype === "float16" ? halfToFloat(new Uint16Array(raw, 0, count))
@@ -175,10 +189,13 @@ function checkAdapter(adapter, features, limits) {
   for (const [name, need] of Object.entries(limits)) {
     const have = adapter.limits[name];
     if (have === undefined) problems.push(`limit ${name} is unknown to this browser`);
-    else if (name.startsWith("min") ? have > need : have < need) problems.push(`${name} is ${have}, the plan needs ${need}`);
+    else if (name.startsWith("min") ? have > need : have < need) {
+      problems.push(`${name} is ${have}, the plan needs ${need}`);
+    }
   }
   if (problems.length) {
-    throw new Error(`this WebGPU adapter (${describeAdapter(adapter)}) cannot run the artifact: ${problems.join("; ")}`);
+    throw new Error(`this WebGPU adapter (${describeAdapter(adapter)}) cannot run the artifact: ` +
+                    problems.join("; "));
   }
 }
 
@@ -193,7 +210,8 @@ function createBuffer(device, spec, shards) {
   if (spec.kind !== "weight") return device.createBuffer({ size, usage });  // WebGPU zero-fills: kv starts at 0
   const shard = shards[spec.shard];
   if (!shard || spec.offset + spec.bytes > shard.byteLength) {
-    throw new Error(`weight ${spec.name}: bytes ${spec.offset}…${spec.offset + spec.bytes} lie outside shard ${spec.shard}`);
+    const range = `${spec.offset}…${spec.offset + spec.bytes}`;
+    throw new Error(`weight ${spec.name}: bytes ${range} lie outside shard ${spec.shard}`);
   }
   const buffer = device.createBuffer({ size, usage, mappedAtCreation: true });
   new Uint8Array(buffer.getMappedRange()).set(new Uint8Array(shard, spec.offset, spec.bytes));
@@ -213,7 +231,8 @@ async function createKernel(device, name, spec, code) {
   const info = await module.getCompilationInfo();
   const errors = info.messages.filter((m) => m.type === "error");
   if (errors.length) {
-    throw new Error(`kernel ${name}: WGSL error: ${errors.map((m) => `${m.lineNum}:${m.linePos} ${m.message}`).join("; ")}`);
+    const where = (m) => `${m.lineNum}:${m.linePos} ${m.message}`;
+    throw new Error(`kernel ${name}: WGSL error: ${errors.map(where).join("; ")}`);
   }
   const pipeline = await device.createComputePipelineAsync({
     label: name, layout: device.createPipelineLayout({ bindGroupLayouts: [layout] }),
@@ -236,7 +255,8 @@ function prepareFunction(device, fname, f, plan, kernels, buffers) {
     l.buffers.forEach((b) => { if (!buffers[b]) throw new Error(`${where}: buffer id ${b} out of range`); });
     const setters = spec.scalars.map((t) => SCALAR_SETTERS[t] ?? badType(where, t));
     const nbytes = (spec.scalars.length + 1) * 4;  // scalars, then packGridDimX
-    const uniform = device.createBuffer({ size: roundUp(nbytes, 16), usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+    const uniform = device.createBuffer({ size: roundUp(nbytes, 16),
+                                          usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
     const entries = l.buffers.map((b, binding) => ({ binding, resource: { buffer: buffers[b] } }));
     entries.push({ binding: l.buffers.length, resource: { buffer: uniform } });
     const uniformValues = (vars, packGridDimX) => {
@@ -250,7 +270,9 @@ function prepareFunction(device, fname, f, plan, kernels, buffers) {
   });
   const out = plan.buffers[f.output.buffer];
   if (!out || !OUTPUT_DTYPES[f.output.dtype]) throw new Error(`${fname}: bad output ${JSON.stringify(f.output)}`);
-  const readback = device.createBuffer({ size: Math.max(4, roundUp(out.bytes, 4)), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  // Sized by the output buffer, the most `count` can be.
+  const readback = device.createBuffer({ size: Math.max(4, roundUp(out.bytes, 4)),
+                                         usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   return { inputs: f.inputs, output: f.output, launches, readback };
 }
 
