@@ -42,14 +42,15 @@ def parameter_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
             if s.kind.name == "PARAMETER"}
 
 
-def capture(model, max_seq_len: int, passes: list) -> Captured:
-    """`passes` (passes.select_passes) first route the model's modules through our ops."""
+def capture(model, max_seq_len: int, passes: list, ids_dtype: str = "int64") -> Captured:
+    """`passes` (passes.select_passes) first route the model's modules through our ops. Token ids and
+    positions are `ids_dtype` (int32 for targets without 64-bit integers: WGSL has none)."""
     for p in passes:
         p.install(model).check()
     step = _Step(model).eval()
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
-    ids = torch.zeros(1, 4, dtype=torch.int64)
-    pos = torch.arange(4).unsqueeze(0)
+    ids = torch.zeros(1, 4, dtype=getattr(torch, ids_dtype))
+    pos = torch.arange(4, dtype=getattr(torch, ids_dtype)).unsqueeze(0)
     with torch.no_grad():
         prefill = torch.export.export(step, (ids, pos), dynamic_shapes={"input_ids": {1: seq},
                                                                         "position_ids": {1: seq}})

@@ -3,6 +3,10 @@
 Each Relax step function takes (input_ids, position_ids, paged_kv_cache, *weights); the weights stay
 function inputs (not constants) so the library is separate from the weight file and the runtime
 can load them in the layout the compiled code expects.
+
+A target whose kernels say KV_CACHE = "contiguous" (WebGPU: no C++ runtime objects on the host)
+gets no `create_kv`; its step functions take (input_ids, position_ids, k_cache_0, v_cache_0, …,
+*weights) instead, caches the attention kernels update in place (targets/webgpu_kernels.py).
 """
 from __future__ import annotations
 
@@ -37,15 +41,79 @@ def _select_int(node, importer):
     return bb.emit(relax.op.squeeze(y, [dim]))
 
 
+def _slice(node, importer):
+    """`aten.slice.Tensor` from a negative start to the end (transformers' `logits_to_keep`: x[:, -1:]).
+
+    The stock converter slices to INT64_MAX and Relax cannot simplify the resulting length
+    min(INT64_MAX, T) − min(max(T − 1, 0), T) to 1: the symbolic length reaches kernels as an extra
+    argument, and no int32 can hold the constant (WebGPU). Slice [T − n, T) instead; other slices
+    take the stock converter."""
+    import sys
+
+    x = importer.env[node.args[0]]
+    dim, start, end = (list(node.args[1:4]) + [None] * 3)[:3]
+    step = node.args[4] if len(node.args) > 4 else 1
+    if isinstance(start, int) and start < 0 and (end is None or (isinstance(end, int) and end >= sys.maxsize)) \
+            and step == 1:
+        dim %= len(x.ty.shape)
+        size = x.ty.shape[dim]
+        return importer.block_builder.emit(relax.op.strided_slice(x, axes=[dim], begin=[size + start], end=[size]))
+    return importer._slice(node)
+
+
 class LoweringContext:
-    """What converters share: the KV-cache variable of the step being imported, the target's kernel
+    """What converters share: the KV cache of the step being imported, the target's kernel
     builders, and the TIR kernels they call, one GlobalVar per kernel name for the whole module (prefill and decode share kernels)."""
 
-    def __init__(self, target_kernels):
+    def __init__(self, target_kernels, config=None, max_seq_len: int = 0, dtype: str = "float32"):
         self.target_kernels = target_kernels  # the target's kernel module (targets/cpu_kernels.py, …)
+        self.contiguous = getattr(target_kernels, "KV_CACHE", "paged") == "contiguous"
+        self.index_dtype = getattr(target_kernels, "INDEX_DTYPE", "int64")  # of indices the graph makes
+        self.config, self.max_seq_len, self.dtype = config, max_seq_len, dtype
         self.kernels = KernelTable()
         self.kv_cache = None
+        self.caches: dict[int, tuple[relax.Var, relax.Var]] = {}
         self.concats: dict[str, tuple[relax.Var, list[relax.Var]]] = {}
+
+    def begin_step(self) -> None:
+        """New variables for the next step function (Relax variables belong to one function)."""
+        self.kv_cache = relax.Var("paged_kv_cache", relax.ObjectType())
+        self.caches, self.concats = {}, {}
+
+    def cache_params(self) -> list[relax.Var]:
+        if not self.contiguous:
+            return [self.kv_cache]
+        return [v for layer in sorted(self.caches) for v in self.caches[layer]]
+
+    def attend(self, bb, importer, layer: int, scale: float, qkv, num_q_heads: int, cos=None, sin=None):
+        """Causal GQA attention of qkv [B·T, Hq+2·Hkv, D] over the cached past plus these tokens →
+        [B·T, Hq, D]. `cos`/`sin` (transformers' [1, T, D] rotary tables) are given when RoPE is still
+        to be applied to q and k; the paged cache computes its own from the positions it tracks."""
+        bt, h_all, d = qkv.ty.shape
+        dtype = qkv.ty.dtype
+        out_ty = relax.TensorType((bt, num_q_heads, d), dtype)
+        if not self.contiguous:
+            return bb.emit(relax.call_dps_packed(
+                "vm.builtin.attention_kv_cache_attention_with_fused_qkv",
+                [self.kv_cache, relax.prim_value(layer), relax.prim_value(scale), qkv], out_ty=out_ty))
+        if cos is None:
+            raise InternalError("a contiguous KV cache needs the rotary tables (fuse_gqa_attention)")
+        hq, d = num_q_heads, int(d)
+        hkv = (int(h_all) - hq) // 2
+        cache_ty = relax.TensorType((self.max_seq_len, hkv, d), dtype)
+        k, v = self.caches[layer] = (relax.Var(f"k_cache_{layer}", cache_ty), relax.Var(f"v_cache_{layer}", cache_ty))
+        pos = _input(importer, "position_ids")
+        kern = self.target_kernels
+        idx = pos.ty.dtype
+        f_append = self.kernel(f"kv_append_{hq}x{hkv}x{d}_{self.max_seq_len}_{dtype}_{cos.ty.dtype}_{idx}",
+                               lambda: kern.kv_append(hq, hkv, d, self.max_seq_len, dtype, cos.ty.dtype, idx))
+        f_attn = self.kernel(f"attention_{hq}x{hkv}x{d}_{self.max_seq_len}_{dtype}_s{scale:.6g}_{idx}",
+                             lambda: kern.attention(hq, hkv, d, self.max_seq_len, dtype, scale, idx))
+        res = bb.emit(relax.call_tir_inplace(f_append, [qkv, cos, sin, pos, k, v], [4, 5, -1],
+                                             [cache_ty, cache_ty, out_ty]))  # caches updated, q RoPE'd
+        q = bb.emit(relax.TupleGetItem(res, 2))
+        k2, v2 = bb.emit(relax.TupleGetItem(res, 0)), bb.emit(relax.TupleGetItem(res, 1))
+        return bb.emit(relax.call_tir(f_attn, [q, pos, k2, v2], out_ty))
 
     def concat_params(self, name: str, parts: list[relax.Var]) -> relax.Var:
         """A new weight input `name` = concat(parts, axis 0), computed once at package time instead
@@ -68,10 +136,10 @@ def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: Lowering
     A weight is {"name": state-dict name} or, for a fused one, {"name": new name, "concat": [names]}.
     Kernels the converters call land in ctx.
     """
-    kv_cache = ctx.kv_cache = relax.Var("paged_kv_cache", relax.ObjectType())
-    ctx.concats = {}
+    ctx.begin_step()
     convert_map = {p.OP_NAME: p.converter(r, ctx) for p, r in zip(passes, reports)}
     convert_map["select.int"] = _select_int
+    convert_map["slice.Tensor"] = _slice
     mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
                                 custom_convert_map=convert_map)
     f = mod["main"]
@@ -85,10 +153,11 @@ def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: Lowering
     for new_name, (var, parts) in ctx.concats.items():
         weights.append({"name": new_name, "concat": [param_names[str(p)] for p in parts]})
         weight_vars.append(var)
-    params = [*f.params[:n_in], kv_cache, *weight_vars]
+    caches = ctx.cache_params()
+    params = [*f.params[:n_in], *caches, *weight_vars]
     func = relax.Function(params, f.body, f.ret_ty, f.is_pure, f.attrs)
     # The importer attaches a copy of the weights as an attribute; the artifact carries them instead.
-    func = func.without_attr("params").with_attrs({"num_input": n_in + 1, "global_symbol": name})
+    func = func.without_attr("params").with_attrs({"num_input": n_in + len(caches), "global_symbol": name})
     return func, weights
 
 
@@ -126,14 +195,23 @@ def _kv_cache_module(config, dtype: str, target, rope_mode: str) -> tvm.IRModule
     return mod
 
 
-def lower(captured: Captured, config, target, passes: list, dtype: str = "float32"):
+def _input(importer, name: str):
+    """The Relax variable of the captured program's input `name`."""
+    for node, value in importer.env.items():
+        if getattr(node, "op", None) == "placeholder" and node.name == name:
+            return value
+    raise InternalError(f"the captured program has no input {name!r}")
+
+
+def lower(captured: Captured, config, target, passes: list, dtype: str = "float32", max_seq_len: int = 0):
     """`target` is ours (targets/): its TVM target and the kernels it supplies. Returns (IRModule, pass reports, weights in the order the step functions take them).
-    Each pass must match its expected sites in each step function."""
+    Each pass must match its expected sites in each step function. `max_seq_len` sizes contiguous
+    KV caches."""
     rope_modes = {getattr(p, "ROPE_MODE") for p in passes if hasattr(p, "ROPE_MODE")}
     if len(rope_modes) != 1:
         raise InternalError(f"exactly one attention pass must run, got {[p.NAME for p in passes]}")
-    mod = _kv_cache_module(config, dtype, target, rope_modes.pop())
-    ctx = LoweringContext(target.kernels)
+    ctx = LoweringContext(target.kernels, config, max_seq_len, dtype)
+    mod = tvm.IRModule() if ctx.contiguous else _kv_cache_module(config, dtype, target, rope_modes.pop())
     step_weights = {}
     for name in ("prefill", "decode"):
         reports = [PassReport(p.NAME, expected=p.expected_sites(config)) for p in passes]

@@ -180,6 +180,9 @@ class _Tvm:
         opts = dataclasses.replace(opts, act_bits=_act_bits(opts, target))
         policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype,
                                    8 if opts.act_bits == "8" else None)
+        if getattr(target.kernels, "KV_CACHE", "paged") == "contiguous" and not opts.fuse_attention:
+            raise UserError(f"--no-fuse-attention: target {target.name} attends through its own KV-cache kernels, "
+                            "which the fused attention route feeds")
         dtype = opts.dtype or target.dtypes[0]
         if dtype not in target.dtypes:
             raise UserError(f"--dtype {dtype}: target {target.name} computes in {' or '.join(target.dtypes)}")
@@ -202,13 +205,14 @@ class _Tvm:
         cast(loaded.model, dtype)
         passes = select_passes(config, fuse_attention=opts.fuse_attention)
         with stages("capture"):
-            captured = capture(loaded.model, opts.max_seq_len, passes)
+            captured = capture(loaded.model, opts.max_seq_len, passes,
+                               ids_dtype=getattr(target.kernels, "INDEX_DTYPE", "int64"))
         if dump:
             for name in ("prefill", "decode"):
                 (dump / f"2-capture.{name}.txt").write_text(str(getattr(captured, name).graph_module.code))
 
         with stages("lower"):
-            mod, pass_reports, weights = lower(captured, config, target, passes, dtype)
+            mod, pass_reports, weights = lower(captured, config, target, passes, dtype, opts.max_seq_len)
             if policy:
                 mod, weights, qreport = quantize_weights.run(mod, weights, policy, target.kernels)
                 pass_reports.append(qreport)
@@ -224,19 +228,25 @@ class _Tvm:
             (dump / "3-lower.relax.py").write_text(mod.script(show_meta=False))
 
         with package.staging(opts.output) as tmp:
+            # a target with `finish` (webgpu) builds a launch plan sized by max_seq_len and moves
+            # the weights into its own files once they are written
+            planned = hasattr(target, "finish")
             with stages("build"):
-                library, build_info = target.build(mod, tmp)
+                library, build_info = target.build(mod, tmp, **({"max_seq_len": opts.max_seq_len} if planned else {}))
             with stages("package"):
                 state = loaded.model.state_dict()
                 order, recon_errors = package.write_weights(state, weights, tmp / "weights.safetensors")
+                stored = {"file": "weights.safetensors", "order": order}
+                if planned:
+                    stored = target.finish(tmp, tmp / "weights.safetensors", order)
                 manifest = dict(
-                    _manifest(opts, loaded, "tvm"),
+                    _manifest(opts, loaded, getattr(target, "backend", "tvm")),
                     target={"spec": target.spec, "device": target.device, "tvm": str(tvm_target),
                             "runnable_here": target.runnable_here},
                     library=library.name,
                     kernels=build_info,
                     functions={"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
-                    weights={"file": "weights.safetensors", "order": order,
+                    weights={**stored,
                              "fused": {w["name"]: w["concat"] for w in weights if "concat" in w},
                              "quantized": {w["name"]: w["quant"] for w in weights if "quant" in w}},
                     quantization=policy.as_dict() if policy else None,

@@ -16,6 +16,11 @@ the sequence positions it tracks, appends k/v and attends:
 
     after:   qkv = x @ Wqkvᵀ (+ b) → vm.builtin.attention_kv_cache_attention_with_fused_qkv(cache, layer, s, qkv)
 
+On a target with a contiguous KV cache (WebGPU, compiler/lower.py) the same qkv goes to our kernels
+instead, RoPE from transformers' own cos/sin tables:
+
+    after:   qkv = x @ Wqkvᵀ (+ b) → kv_append(qkv, cos, sin, positions, k_cache, v_cache) → attention(q, …)
+
 cos/sin are inputs only for the eager reference; the lowering ignores them and Relax drops their
 computation as dead code.
 """
@@ -113,10 +118,7 @@ def converter(report: PassReport, ctx):
         if biases[0] is not None:
             qkv = op.add(qkv, ctx.concat_params(f"model.layers.{layer}.self_attn.qkv_proj.bias", biases))
         qkv = bb.emit(op.reshape(qkv, [b * t, h_all, head_dim]))
-        out = bb.emit(relax.call_dps_packed(
-            "vm.builtin.attention_kv_cache_attention_with_fused_qkv",
-            [ctx.kv_cache, relax.prim_value(layer), relax.prim_value(scale), qkv],
-            out_ty=relax.TensorType((b * t, hq, head_dim), x.ty.dtype)))
+        out = ctx.attend(bb, importer, layer, scale, qkv, hq, cos=env[node.args[7]], sin=env[node.args[8]])
         report.matched += 1
         return bb.emit(op.reshape(out, [b, t, hq * head_dim]))
 

@@ -96,34 +96,35 @@ def converter(report: PassReport, ctx):
         num_experts, two_i, h = (int(d) for d in gate_up.ty.shape)
         inter = two_i // 2
         dtype = x.ty.dtype
+        idx = ctx.index_dtype  # of expert ids and row orders: int32 where the target has no int64
         emit = bb.emit
         # routing, fp32
         probs = emit(op.nn.softmax(op.matmul(op.astype(x, "float32"), op.permute_dims(gate_w)), axis=-1))  # [T, E]
         chosen = emit(op.topk(op.add(probs, op.reshape(bias, [num_experts])), top_k, axis=-1,
-                              ret_type="indices", dtype="int64"))  # [T, k]
+                              ret_type="indices", dtype=idx))  # [T, k]
         weights = emit(op.gather_elements(probs, chosen, axis=1))
         weights = emit(op.divide(weights, op.maximum(op.sum(weights, axis=-1, keepdims=True),
                                                      relax.const(norm_min, "float32"))))  # [T, k]
         # sort the T·k (token, expert) pairs by expert
         m = t * top_k
         flat = emit(op.reshape(chosen, [m]))
-        order = emit(op.argsort(flat, dtype="int64"))  # [M]
+        order = emit(op.argsort(flat, dtype=idx))  # [M]
         sorted_e = emit(op.take(flat, order))
-        rows = emit(op.take(x, op.floor_divide(order, relax.const(top_k, "int64")), axis=0))  # [M, H]
-        bounds = op.arange(0, num_experts + 1, dtype="int64")
-        indptr = emit(op.sum(op.astype(op.less(op.expand_dims(sorted_e, 0), op.expand_dims(bounds, 1)), "int64"),
+        rows = emit(op.take(x, op.floor_divide(order, relax.const(top_k, idx)), axis=0))  # [M, H]
+        bounds = op.arange(0, num_experts + 1, dtype=idx)
+        indptr = emit(op.sum(op.astype(op.less(op.expand_dims(sorted_e, 0), op.expand_dims(bounds, 1)), idx),
                              axis=1))  # [E+1]: rows before expert e
         group_gemm = ctx.target_kernels.group_gemm
-        f_up = ctx.kernel(f"moe_group_gemm_{num_experts}x{two_i}x{h}_{dtype}",
-                          lambda: group_gemm(num_experts, two_i, h, dtype))
-        f_down = ctx.kernel(f"moe_group_gemm_{num_experts}x{h}x{inter}_{dtype}",
-                            lambda: group_gemm(num_experts, h, inter, dtype))
+        f_up = ctx.kernel(f"moe_group_gemm_{num_experts}x{two_i}x{h}_{dtype}_{idx}",
+                          lambda: group_gemm(num_experts, two_i, h, dtype, index_dtype=idx))
+        f_down = ctx.kernel(f"moe_group_gemm_{num_experts}x{h}x{inter}_{dtype}_{idx}",
+                            lambda: group_gemm(num_experts, h, inter, dtype, index_dtype=idx))
         gu = emit(relax.call_tir(f_up, [rows, indptr, sorted_e, gate_up], relax.TensorType((m, two_i), dtype)))  # [M, 2I]
         halves = emit(op.split(gu, 2, axis=1))
         act = emit(op.multiply(op.nn.silu(relax.TupleGetItem(halves, 0)), relax.TupleGetItem(halves, 1)))  # [M, I]
         y = emit(relax.call_tir(f_down, [act, indptr, sorted_e, down], relax.TensorType((m, h), dtype)))  # [M, H]
         y = emit(op.multiply(y, op.expand_dims(op.astype(op.take(op.reshape(weights, [m]), order), dtype), 1)))
-        y = emit(op.take(y, op.argsort(order, dtype="int64"), axis=0))  # back to (token, slot) order
+        y = emit(op.take(y, op.argsort(order, dtype=idx), axis=0))  # back to (token, slot) order
         report.matched += 1
         return emit(op.sum(op.reshape(y, [t, top_k, h]), axis=1))  # [T, H]
 

@@ -98,10 +98,12 @@ class _Rewriter(relax.PyExprMutator):
         t = 1
         for d in shape:
             t = t * d
-        flat = self.builder_.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [t]))
+        idx = getattr(self.make, "INDEX_DTYPE", "int64")
+        flat = self.builder_.emit(relax.op.reshape(relax.op.astype(ids, idx), [t]))
         dtype = call.args[0].ty.dtype
-        gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_{spec.layout}_{vocab}x{dim}_{dtype}",
-                              lambda: self.make.take_q(vocab, dim, spec, dtype))
+        extra = {"index_dtype": idx} if idx != "int64" else {}
+        gv = self.kernels.get(f"take_q{spec.bits}g{spec.group_size}_{spec.layout}_{vocab}x{dim}_{dtype}_{idx}",
+                              lambda: self.make.take_q(vocab, dim, spec, dtype, **extra))
         out = self.builder_.emit(relax.call_tir(gv, [flat, *parts], relax.TensorType((t, dim), dtype)))
         self.sites += 1
         return relax.op.reshape(out, [*shape, dim])
@@ -117,8 +119,9 @@ class _Rewriter(relax.PyExprMutator):
         spec, parts = entry
         e, n, k = (int(d) for d in w.ty.shape)
         dtype = x.ty.dtype
-        gv = self.kernels.get(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}_{dtype}",
-                              lambda: self.make.group_gemm_q(e, n, k, spec, dtype))
+        idx = expert_ids.ty.dtype
+        gv = self.kernels.get(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}_{dtype}_{idx}",
+                              lambda: self.make.group_gemm_q(e, n, k, spec, dtype, index_dtype=idx))
         self.sites += 1
         return relax.call_tir(gv, [x, indptr, expert_ids, *parts], call.ty)
 

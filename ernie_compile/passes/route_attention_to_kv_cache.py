@@ -77,10 +77,7 @@ def converter(report: PassReport, ctx):
         qkv = bb.emit(relax.op.concat([relax.op.permute_dims(x, [0, 2, 1, 3]) for x in (q, k, v)], axis=2))
         h_all = qkv.ty.shape[2]
         qkv = bb.emit(relax.op.reshape(qkv, [b * t, h_all, d]))  # [B·T, Hq+2·Hkv, D]
-        out = bb.emit(relax.call_dps_packed(
-            "vm.builtin.attention_kv_cache_attention_with_fused_qkv",
-            [ctx.kv_cache, relax.prim_value(int(layer)), relax.prim_value(float(scale)), qkv],
-            out_ty=relax.TensorType((b * t, hq, d), q.ty.dtype)))
+        out = ctx.attend(bb, importer, int(layer), float(scale), qkv, int(hq))
         report.matched += 1
         return bb.emit(relax.op.reshape(out, [b, t, hq, d]))  # [B, T, Hq, D]
 

@@ -1,8 +1,9 @@
 """Load an artifact and generate tokens: prefill once, then one decode call per token.
 
 The artifact's backend (manifest "backend") picks the engine that owns the compiled programs and the
-KV cache: runtime/tvm_engine.py (TVM's VM and paged KV cache) or runtime/inductor_engine.py (the
-AOTInductor programs and a static cache; the only engine that imports torch). This file checks
+KV cache: runtime/tvm_engine.py (TVM's VM and paged KV cache), runtime/inductor_engine.py (the
+AOTInductor programs and a static cache; the only engine that imports torch) or
+runtime/webgpu_engine.py (a launch plan of WGSL kernels, run through wgpu). This file checks
 input, counts positions and samples; the engines only run steps.
 """
 from __future__ import annotations
@@ -67,7 +68,8 @@ class GenerationResult:
 
 
 # manifest "backend" → (module, class) of its engine, imported only when an artifact needs it
-ENGINES = {"tvm": ("tvm_engine", "TvmEngine"), "inductor": ("inductor_engine", "InductorEngine")}
+ENGINES = {"tvm": ("tvm_engine", "TvmEngine"), "inductor": ("inductor_engine", "InductorEngine"),
+           "webgpu": ("webgpu_engine", "WebGpuEngine")}
 
 
 class Session:

@@ -1,14 +1,15 @@
 """Targets: one file each, one line in TARGETS. `--target NAME[:DETAIL]` picks one: the detail is an
 LLVM triple for cpu (cross builds), the GPU architectures for cuda (sm_80,sm_90),
-macos or ios for metal."""
+macos or ios for metal; webgpu and vulkan take none."""
 from __future__ import annotations
 
 from ..errors import UserError
 from .cpu import CpuTarget
 from .cuda import CudaTarget
 from .metal import MetalTarget
+from .webgpu import VulkanTarget, WebGpuTarget
 
-TARGETS = {"cpu": CpuTarget, "cuda": CudaTarget, "metal": MetalTarget}
+TARGETS = {"cpu": CpuTarget, "cuda": CudaTarget, "metal": MetalTarget, "webgpu": WebGpuTarget, "vulkan": VulkanTarget}
 
 
 def get_target(spec: str):

@@ -201,7 +201,7 @@ def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
     return cpu_take_q
 
 
-def group_gemm(num_experts: int, n: int, k: int, dtype: str):
+def group_gemm(num_experts: int, n: int, k: int, dtype: str, index_dtype: str = "int64"):
     """y[i, :] = w[e] @ x[i, :] for the rows i in expert e's segment [indptr[e], indptr[e+1]).
 
     x [M, K] rows sorted by expert, indptr [E+1], w [E, N, K] → y [M, N]. (The rows' expert ids, the
@@ -234,7 +234,7 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str):
     return moe_group_gemm
 
 
-def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32"):
+def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32", index_dtype: str = "int64"):
     """group_gemm over quantized expert weights (compiler/quantize.py, per expert and row). lanes16
     rows are dequantized in registers inside each row's dot product; other layouts dequantize a
     weight row once into a buffer and reuse it for the expert's rows. Experts with empty segments

@@ -41,7 +41,9 @@ def schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule
 
     rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
 
-    passes = [*cuda_pipeline.library_dispatch_passes(target),
+    # FuseTransposeMatmul: x @ permute_dims(W) as one matmul kernel reading W as stored; without it
+    # every step would first copy each weight into a transposed temporary
+    passes = [relax.transform.FuseTransposeMatmul(), *cuda_pipeline.library_dispatch_passes(target),
               relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
               dl.ApplyDefaultSchedule(*rules),

@@ -74,7 +74,7 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None,
     return gpu_linear_q
 
 
-def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
+def take_q(vocab: int, dim: int, spec, dtype: str = "float32", index_dtype: str = "int64"):
     """Embedding lookup from a quantized table: out[T, D] = dequant(W[ids[t]]). Injective: dlight's
     fallback rule spreads it over threads."""
     vocab, dim, words, groups = _i64(vocab, dim, spec.words(dim), dim // spec.group_size)
@@ -85,7 +85,7 @@ def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
                    qm: T.Buffer((vocab, groups), sdt), var_out: T.handle):
         T.func_attr({"tir.noalias": True})
         t = T.int64()
-        ids = T.match_buffer(var_ids, (t,), "int64")
+        ids = T.match_buffer(var_ids, (t,), index_dtype)
         out = T.match_buffer(var_out, (t, dim), dtype)
         for i, c in T.grid(t, dim):
             with T.sblock("take"):
@@ -110,21 +110,21 @@ def _schedule_gemv(func, block: str, lanes: int = 32, rows_per_block: int = 4):
     sch.bind(ci, "threadIdx.x")
     # scheduled by hand: dlight must leave it alone, and fusion must not merge it into a new function
     # (op_pattern 8, opaque: TVM's FuseTIR also mishandles our symbolic-shape kernels when fusing)
-    return sch.mod["main"].with_attrs({"tir.is_scheduled": True, "op_pattern": 8})
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
-def group_gemm(num_experts: int, n: int, k: int, dtype: str, schedule: bool = True):
+def group_gemm(num_experts: int, n: int, k: int, dtype: str, schedule: bool = True, index_dtype: str = "int64"):
     """y[i, :] = w[expert_ids[i]] @ x[i, :]: rows sorted by expert (fuse_moe_routing), so a step
     reads only the chosen experts' weights. `indptr` is the CPU kernel's view of the same segments."""
     e1, n, k = _i64(num_experts + 1, n, k)
     num_experts = e1 - 1
     @T.prim_func(private=True, s_tir=True)
-    def moe_group_gemm(var_x: T.handle, indptr: T.Buffer((e1,), "int64"), var_expert_ids: T.handle,
+    def moe_group_gemm(var_x: T.handle, indptr: T.Buffer((e1,), index_dtype), var_expert_ids: T.handle,
                        w: T.Buffer((num_experts, n, k), dtype), var_y: T.handle):
         T.func_attr({"tir.noalias": True})
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), dtype)
-        expert_ids = T.match_buffer(var_expert_ids, (m,), "int64")
+        expert_ids = T.match_buffer(var_expert_ids, (m,), index_dtype)
         y = T.match_buffer(var_y, (m, n), dtype)
         for i, j, c in T.grid(m, n, k):
             with T.sblock("gemm"):
@@ -136,19 +136,20 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str, schedule: bool = Tr
     return _schedule_gemv(moe_group_gemm, "gemm") if schedule else moe_group_gemm.with_attr("op_pattern", 8)
 
 
-def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32", schedule: bool = True):
+def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32", schedule: bool = True,
+                 index_dtype: str = "int64"):
     """group_gemm over quantized expert weights, dequantized as they are loaded."""
     e1, n, k, words, groups = _i64(num_experts + 1, n, k, spec.words(k), k // spec.group_size)
     num_experts, sdt = e1 - 1, spec.scale_dtype
 
     @T.prim_func(private=True, s_tir=True)
-    def moe_group_gemm_q(var_x: T.handle, indptr: T.Buffer((e1,), "int64"), var_expert_ids: T.handle,
+    def moe_group_gemm_q(var_x: T.handle, indptr: T.Buffer((e1,), index_dtype), var_expert_ids: T.handle,
                          qw: T.Buffer((num_experts, n, words), "uint32"), qs: T.Buffer((num_experts, n, groups), sdt),
                          qm: T.Buffer((num_experts, n, groups), sdt), var_y: T.handle):
         T.func_attr({"tir.noalias": True})
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), dtype)
-        expert_ids = T.match_buffer(var_expert_ids, (m,), "int64")
+        expert_ids = T.match_buffer(var_expert_ids, (m,), index_dtype)
         y = T.match_buffer(var_y, (m, n), dtype)
         for i, j, c in T.grid(m, n, k):
             with T.sblock("gemm"):

@@ -94,7 +94,9 @@ def test_run_without_a_gpu_is_a_clear_error(dense_fp16):
     (["--target", "cuda:sm_8"], "architectures look like"),
     (["--target", "cpu", "--cuda-arch", "sm_80"], "--cuda-arch applies to --target cuda"),
     (["--target", "cpu", "--dtype", "float16"], "computes in float32"),
-    (["--target", "vulkan"], "targets: cpu, cuda, metal"),
+    (["--target", "opencl"], "targets: cpu, cuda, metal, webgpu, vulkan"),
+    (["--target", "webgpu:f16"], "takes no detail"),
+    (["--target", "webgpu", "--no-fuse-attention"], "attends through its own KV-cache kernels"),
 ])
 def test_bad_target_options_are_one_line_errors(args, message, tmp_path):
     proc = run_cli("ernie_compile.cli", *args, "-o", str(tmp_path / "out"), check=False)
