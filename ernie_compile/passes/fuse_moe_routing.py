@@ -13,10 +13,13 @@ clamp(sum, moe_norm_min) → each chosen expert's SwiGLU MLP → weighted sum.
 
 Lowered (Relax), the T·k (token, expert) pairs are sorted by expert and each expert's rows run as one
 segment of a grouped GEMM (the target's `group_gemm`, e.g. targets/cpu_kernels.py): decode reads only the k chosen
-experts' weights; prefill reads each chosen expert once for all its tokens.
+experts' weights; prefill reads each chosen expert once for all its tokens. A target whose kernels
+bring `moe_route` (WebGPU: no GPU sort it can run) routes with that kernel and keeps the pairs in
+(token, slot) order; its grouped GEMMs read each row's expert id.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import PassReport
@@ -100,13 +103,38 @@ def converter(report: PassReport, ctx):
         emit = bb.emit
         # routing, fp32
         probs = emit(op.nn.softmax(op.matmul(op.astype(x, "float32"), op.permute_dims(gate_w)), axis=-1))  # [T, E]
+        group_gemm = ctx.target_kernels.group_gemm
+        f_up = ctx.kernel(f"moe_group_gemm_{num_experts}x{two_i}x{h}_{dtype}_{idx}",
+                          lambda: group_gemm(num_experts, two_i, h, dtype, index_dtype=idx))
+        f_down = ctx.kernel(f"moe_group_gemm_{num_experts}x{h}x{inter}_{dtype}_{idx}",
+                            lambda: group_gemm(num_experts, h, inter, dtype, index_dtype=idx))
+        m = t * top_k
+
+        def experts(rows, indptr, expert_ids):  # [M, H] rows, each through its expert's SwiGLU MLP
+            gu = emit(relax.call_tir(f_up, [rows, indptr, expert_ids, gate_up], relax.TensorType((m, two_i), dtype)))
+            halves = emit(op.split(gu, 2, axis=1))
+            act = emit(op.multiply(op.nn.silu(relax.TupleGetItem(halves, 0)), relax.TupleGetItem(halves, 1)))  # [M, I]
+            return emit(relax.call_tir(f_down, [act, indptr, expert_ids, down], relax.TensorType((m, h), dtype)))
+
+        report.matched += 1
+        if hasattr(ctx.target_kernels, "moe_route"):  # no sort on the target (WebGPU): see its kernel
+            route = ctx.target_kernels.moe_route
+            f_route = ctx.kernel(f"moe_route_{num_experts}x{top_k}_n{norm_min:g}_{idx}".replace("-", "m").replace(".", "p"),
+                                 lambda: route(num_experts, top_k, norm_min, idx))
+            routed = emit(relax.call_tir(f_route, [probs, bias], [relax.TensorType((t, top_k), idx),
+                                                                  relax.TensorType((t, top_k), "float32")]))
+            flat = emit(op.reshape(relax.TupleGetItem(routed, 0), [m]))  # [M] expert of (token, slot)
+            rows = emit(op.take(x, op.floor_divide(op.arange(0, m, dtype=idx), relax.const(top_k, idx)), axis=0))
+            unused = relax.const(np.zeros(num_experts + 1, idx))  # indptr: only the CPU kernels read it
+            y = experts(rows, unused, flat)
+            y = emit(op.multiply(y, op.expand_dims(op.astype(op.reshape(relax.TupleGetItem(routed, 1), [m]), dtype), 1)))
+            return emit(op.sum(op.reshape(y, [t, top_k, h]), axis=1))  # [T, H]
         chosen = emit(op.topk(op.add(probs, op.reshape(bias, [num_experts])), top_k, axis=-1,
                               ret_type="indices", dtype=idx))  # [T, k]
         weights = emit(op.gather_elements(probs, chosen, axis=1))
         weights = emit(op.divide(weights, op.maximum(op.sum(weights, axis=-1, keepdims=True),
                                                      relax.const(norm_min, "float32"))))  # [T, k]
         # sort the T·k (token, expert) pairs by expert
-        m = t * top_k
         flat = emit(op.reshape(chosen, [m]))
         order = emit(op.argsort(flat, dtype=idx))  # [M]
         sorted_e = emit(op.take(flat, order))
@@ -114,18 +142,9 @@ def converter(report: PassReport, ctx):
         bounds = op.arange(0, num_experts + 1, dtype=idx)
         indptr = emit(op.sum(op.astype(op.less(op.expand_dims(sorted_e, 0), op.expand_dims(bounds, 1)), idx),
                              axis=1))  # [E+1]: rows before expert e
-        group_gemm = ctx.target_kernels.group_gemm
-        f_up = ctx.kernel(f"moe_group_gemm_{num_experts}x{two_i}x{h}_{dtype}_{idx}",
-                          lambda: group_gemm(num_experts, two_i, h, dtype, index_dtype=idx))
-        f_down = ctx.kernel(f"moe_group_gemm_{num_experts}x{h}x{inter}_{dtype}_{idx}",
-                            lambda: group_gemm(num_experts, h, inter, dtype, index_dtype=idx))
-        gu = emit(relax.call_tir(f_up, [rows, indptr, sorted_e, gate_up], relax.TensorType((m, two_i), dtype)))  # [M, 2I]
-        halves = emit(op.split(gu, 2, axis=1))
-        act = emit(op.multiply(op.nn.silu(relax.TupleGetItem(halves, 0)), relax.TupleGetItem(halves, 1)))  # [M, I]
-        y = emit(relax.call_tir(f_down, [act, indptr, sorted_e, down], relax.TensorType((m, h), dtype)))  # [M, H]
+        y = experts(rows, indptr, sorted_e)
         y = emit(op.multiply(y, op.expand_dims(op.astype(op.take(op.reshape(weights, [m]), order), dtype), 1)))
         y = emit(op.take(y, op.argsort(order, dtype=idx), axis=0))  # back to (token, slot) order
-        report.matched += 1
         return emit(op.sum(op.reshape(y, [t, top_k, h]), axis=1))  # [T, H]
 
     return convert

@@ -137,3 +137,43 @@ def attention(num_q_heads: int, num_kv_heads: int, head_dim: int, max_seq_len: i
                     out[ti, h, cc * lanes + tx] = T.cast(st[2] / st[1], dtype)
 
     return _opaque(attention)
+
+
+def moe_route(num_experts: int, top_k: int, norm_min: float, index_dtype: str = "int32"):
+    """ERNIE's MoE routing for one token per thread, in place of TVM's GPU top-k and sort (their
+    kernels use blockIdx.z and host loops, which no WebGPU plan can express): the k experts with the
+    largest probs + bias (the bias only selects; the first index wins a tie, as torch.topk does), their
+    unbiased probs divided by max(sum, norm_min). Rows stay in (token, slot) order: the GPU grouped
+    GEMMs read each row's expert id, so nothing needs sorting."""
+    e_n, k = num_experts, top_k
+
+    @T.prim_func(private=True)
+    def moe_route(var_probs: T.handle, bias: T.Buffer((1, e_n), "float32"), var_ids: T.handle, var_w: T.handle):
+        t = T.int64()
+        probs = T.match_buffer(var_probs, (t, e_n), "float32")
+        ids = T.match_buffer(var_ids, (t, k), index_dtype)
+        w = T.match_buffer(var_w, (t, k), "float32")
+        with T.launch_thread("blockIdx.x", (t + 63) // 64) as bx:
+            with T.launch_thread("threadIdx.x", 64) as tx:
+                best = T.alloc_local((2,), "float32")  # best score, sum of chosen probs
+                pick = T.alloc_local((2,), "int32")  # best expert, "already chosen" flag
+                if bx * 64 + tx < t:
+                    best[1] = T.float32(0)
+                    for s in range(k):
+                        best[0] = T.float32(-3.0e38)
+                        pick[0] = 0
+                        for e in range(e_n):
+                            pick[1] = 0
+                            for s2 in range(s):
+                                if T.Cast("int32", ids[bx * 64 + tx, s2]) == e:
+                                    pick[1] = 1
+                            if pick[1] == 0 and probs[bx * 64 + tx, e] + bias[0, e] > best[0]:
+                                best[0] = probs[bx * 64 + tx, e] + bias[0, e]
+                                pick[0] = e
+                        ids[bx * 64 + tx, s] = T.Cast(index_dtype, pick[0])
+                        w[bx * 64 + tx, s] = probs[bx * 64 + tx, pick[0]]
+                        best[1] = best[1] + probs[bx * 64 + tx, pick[0]]
+                    for s in range(k):
+                        w[bx * 64 + tx, s] = w[bx * 64 + tx, s] / T.max(best[1], T.float32(norm_min))
+
+    return _opaque(moe_route)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
-from tvm import relax, tirx
+from tvm import relax, s_tir, tirx
 
 from ..errors import InternalError
 from ..runtime.webgpu_engine import evaluate  # the hosts' expression semantics
@@ -163,9 +163,12 @@ def compile_kernels(mod: tvm.IRModule, target) -> tuple[dict[str, _HostFunc], di
     PrimFunc by name, kernel info by kernel name, WGSL by kernel name)."""
     prims = {gv.name_hint: f.with_attr("global_symbol", gv.name_hint)
              for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
-    # Simplify first: slicing to the end leaves min(T, INT64_MAX), which no int32 can hold
-    tir = tvm.transform.Sequential([tirx.transform.StmtSimplify(), tirx.transform.ForceNarrowIndexToInt32()])(
-        tvm.IRModule({tvm.ir.GlobalVar(n): f for n, f in prims.items()}))
+    # Lower cross-thread reductions first (the pass rejects the loop nests narrowing leaves), then
+    # simplify (a slice to the end may leave min(T, INT64_MAX), which no int32 holds), then narrow.
+    tir = tvm.transform.Sequential([
+        s_tir.transform.CanonicalizeLoop(), s_tir.transform.LowerCrossThreadReduction(),
+        tirx.transform.StmtSimplify(), tirx.transform.ForceNarrowIndexToInt32(),
+    ])(tvm.IRModule({tvm.ir.GlobalVar(n): f for n, f in prims.items()}))
     split = {}
 
     @tvm.instrument.pass_instrument

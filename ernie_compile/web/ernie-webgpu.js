@@ -26,6 +26,8 @@ const OPS = {
   add: (a, b) => a + b, sub: (a, b) => a - b, mul: (a, b) => a * b,
   floordiv: (a, b) => Math.floor(a / b), floormod: (a, b) => a - b * Math.floor(a / b),
   min: Math.min, max: Math.max,
+  lt: (a, b) => +(a < b), le: (a, b) => +(a <= b), gt: (a, b) => +(a > b),
+  ge: (a, b) => +(a >= b), eq: (a, b) => +(a === b), ne: (a, b) => +(a !== b),
 };
 
 /** Fetch, verify and set up the artifact at `baseUrl` (a folder URL); `log` receives progress lines. */
@@ -283,6 +285,7 @@ export function evaluate(expr, vars) {
     if (!(expr in vars)) throw new Error(`expression uses unbound variable "${expr}"`);
     return vars[expr];
   }
+  if (expr[0] === "select") return evaluate(expr[1], vars) ? evaluate(expr[2], vars) : evaluate(expr[3], vars);
   const [op, a, b] = expr;
   if (!OPS[op]) throw new Error(`unknown expression op "${op}"`);
   return OPS[op](evaluate(a, vars), evaluate(b, vars));
