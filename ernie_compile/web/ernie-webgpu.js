@@ -113,7 +113,12 @@ class Artifact {
     const fn = useDecode ? this.functions.decode : this.functions.prefill;
     const vars = useDecode ? {} : { T };
     const [lo, hi] = this.plan.vars?.T ?? [1, this.plan.max_seq_len];
-    if (!useDecode && (T < lo || T > hi)) throw new Error(`prefill of ${T} tokens: T must lie in [${lo}, ${hi}]`);
+    if (!useDecode && T > hi) {  // longer prompts run as consecutive chunks; a token's cache row is its position
+      let logits;
+      for (let at = 0; at < T; at += hi) logits = await this.step(ids.slice(at, at + hi), startPos + at);
+      return logits;
+    }
+    if (!useDecode && T < lo) throw new Error(`prefill of ${T} tokens: T must lie in [${lo}, ${hi}]`);
 
     const { queue } = this.device;
     const positions = Int32Array.from(ids, (_, i) => startPos + i);

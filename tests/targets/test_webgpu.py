@@ -11,11 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPT_IDS, eager_greedy, eager_model, rel_error, run_cli
+from conftest import PROMPT_IDS, eager_greedy, eager_model, rel_error
 from test_quantize import fake_quant
 from test_runtime import NO_TORCH
 from ernie_compile.compiler.options import CompileOptions
@@ -96,6 +95,17 @@ def test_browser_page_generates_the_same_tokens(default, default_reference):
     result = browser.run_page(default, {"ids": ",".join(map(str, PROMPT_IDS)), "n": 16}, timeout=240)
     assert "error" not in result, result.get("error")
     assert result["tokens"] == default_reference[1]
+
+
+def test_browser_chunked_prefill(checkpoints, tmp_path, monkeypatch):
+    """A prompt longer than the plan's largest T runs as consecutive prefill calls in JS too."""
+    _need("chromium", browser.chromium_available())
+    monkeypatch.setattr(webgpu, "PREFILL_CHUNK", 4)
+    out = tmp_path / "out"
+    _compile(out, model=str(checkpoints["gqa-tied-hd48"]))
+    result = browser.run_page(out, {"ids": ",".join(map(str, PROMPT_IDS)), "n": 8}, timeout=240)
+    assert "error" not in result, result.get("error")
+    assert result["tokens"] == eager_greedy(eager_model(checkpoints["gqa-tied-hd48"]), PROMPT_IDS, 8)
 
 
 def test_artifact_layout(default):
