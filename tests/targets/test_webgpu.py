@@ -127,6 +127,9 @@ def test_artifact_layout(default):
     assert sum(b["kind"] == "kv" for b in plan["buffers"]) == 2 * config["num_hidden_layers"]
     launched = {launch["kernel"] for f in plan["functions"].values() for launch in f["launches"]}
     assert launched == set(plan["kernels"])
+    # intermediates share scratch buffers once their last reader has run
+    scratch = sum(b["kind"] == "scratch" for b in plan["buffers"])
+    assert 3 * scratch < len(plan["functions"]["decode"]["launches"])
 
 
 def test_tampered_shard_is_refused(default, tmp_path):
@@ -213,3 +216,31 @@ def test_missing_device_is_a_one_line_error(default, monkeypatch, tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "adapter" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_plan_expressions_follow_tir_semantics():
+    """Launch expressions from TIR (floor division, min/max, if_then_else) evaluate as TIR does."""
+    from tvm import tirx
+
+    from ernie_compile.runtime.webgpu_engine import evaluate, fold_grid
+    from ernie_compile.targets.webgpu_plan import to_expr
+
+    t = tirx.Var("t", "int64")
+    env = {t.__hash__(): "T"}
+    exprs = [(t + 31) // 32, tirx.floormod(t * 3, 7), tirx.min(t, 5) - tirx.max(t - 9, 0),
+             tirx.if_then_else(t < 4, t * 2 - 1, t - 1)]
+    for e in exprs:
+        plan_expr = to_expr(e, env)
+        for value in (1, 4, 9, 33, 100):
+            assert evaluate(plan_expr, {"T": value}) == int(tvm_eval(e, t, value)), (e, value)
+    x, y, z = fold_grid(103424 * 2, 3)
+    assert x < 65536 and y == 3 and x * z >= 103424 * 2
+
+
+def tvm_eval(expr, var, value):
+    """TVM's own evaluation: its arithmetic analyzer with `var` bound to `value`."""
+    from tvm.sym import Analyzer
+
+    analyzer = Analyzer()
+    analyzer.bind(var, value)
+    return analyzer.simplify(expr).value
