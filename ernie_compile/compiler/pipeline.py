@@ -239,6 +239,8 @@ class _Tvm:
                 stored = {"file": "weights.safetensors", "order": order}
                 if planned:
                     stored = target.finish(tmp, tmp / "weights.safetensors", order)
+                    if "warning" in stored:
+                        log("  " + stored.pop("warning"))
                 manifest = dict(
                     _manifest(opts, loaded, getattr(target, "backend", "tvm")),
                     target={"spec": target.spec, "device": target.device, "tvm": str(tvm_target),

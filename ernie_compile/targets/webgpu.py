@@ -28,6 +28,7 @@ _CONSTANTS = "constants.npz"  # between build and finish only
 PREFILL_CHUNK = 128  # largest T a prefill call takes (hosts split longer prompts): sizes scratch buffers
 SHARD_BYTES = 64 << 20  # weight file size (a tensor larger than this gets a shard of its own)
 ALIGN = 256  # WebGPU's minStorageBufferOffsetAlignment: a host may bind one buffer per shard
+DEFAULT_BINDING_LIMIT = 128 << 20  # maxStorageBufferBindingSize every WebGPU adapter grants
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ class WebGpuTarget:
 
     def finish(self, out_dir: Path, weights_file: Path, order: list[str]) -> dict:
         """Move the weights (safetensors, in `order`) and the plan's constants into raw shards at
-        256-byte-aligned offsets; name and place every weight buffer in the plan. → manifest "weights"."""
+        256-byte-aligned offsets; name and place every weight buffer in the plan. → manifest "weights"
+        (with a "warning" when a tensor exceeds the binding size every adapter grants)."""
         from safetensors.numpy import load_file
 
         plan = json.loads((out_dir / PLAN).read_text())
@@ -121,7 +123,14 @@ class WebGpuTarget:
         (out_dir / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
         weights_file.unlink()
         (out_dir / _CONSTANTS).unlink()
-        return {"shards": [s["file"] for s in shards], "tensors": sum(1 for b in plan["buffers"] if b["kind"] == "weight")}
+        stored = {"shards": [s["file"] for s in shards], "tensors": sum(1 for b in plan["buffers"] if b["kind"] == "weight")}
+        largest = max((b for b in plan["buffers"] if b["kind"] == "weight"), key=lambda b: b["bytes"])
+        if largest["bytes"] > DEFAULT_BINDING_LIMIT:
+            stored["warning"] = (
+                f"webgpu: {largest['name']} is {largest['bytes'] / 2**20:.0f} MiB, over WebGPU's default storage-binding "
+                f"limit ({DEFAULT_BINDING_LIMIT >> 20} MiB); adapters at the default (phones, lavapipe) will refuse this "
+                "artifact — fewer --bits make it smaller")
+        return stored
 
 
 @dataclass(frozen=True)
