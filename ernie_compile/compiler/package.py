@@ -66,18 +66,21 @@ def write_weights(state: dict, weights: list[dict], path: Path) -> tuple[list[st
     arrays, order, errors = {}, [], {}
     for w in weights:
         value = np.concatenate([array(n) for n in w["concat"]]) if "concat" in w else array(w["name"])
+        if "rows" in w:  # a row block of a weight split to fit a binding limit (passes/split_large_weights.py)
+            value = value[w["rows"][0]:w["rows"][1]]
+        stored = w.get("store", w["name"])
         if "quant" in w:
             spec = QuantSpec(**w["quant"])
             value = value.astype(np.float32)
             packed = quantize(value, spec)
             diff = dequantize(packed, spec, value.shape[-1]) - value
-            errors[w["name"]] = float(np.linalg.norm(diff) / max(np.linalg.norm(value), 1e-30))
+            errors[stored] = float(np.linalg.norm(diff) / max(np.linalg.norm(value), 1e-30))
             for part_name, key in zip(w["parts"], ("qweight", "qscale", "qmin")):
                 arrays[part_name] = np.ascontiguousarray(packed[key])
                 order.append(part_name)
         else:
-            arrays[w["name"]] = np.ascontiguousarray(value)
-            order.append(w["name"])
+            arrays[stored] = np.ascontiguousarray(value)
+            order.append(stored)
     save_file(arrays, str(path))
     return order, errors
 

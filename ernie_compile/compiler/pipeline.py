@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UserError
-from ..passes import quantize_weights, select_passes
+from ..passes import quantize_weights, select_passes, split_large_weights
 from ..targets import get_target
 from . import package
 from .inspect import count_kernels
@@ -213,6 +213,10 @@ class _Tvm:
 
         with stages("lower"):
             mod, pass_reports, weights = lower(captured, config, target, passes, dtype, opts.max_seq_len)
+            if getattr(target, "max_binding_bytes", None):  # webgpu: every weight must fit one binding
+                mod, weights, split_report = split_large_weights.run(mod, weights, target.max_binding_bytes, policy,
+                                                                     target.kernels.QUANT_LAYOUTS)
+                pass_reports.append(split_report)
             if policy:
                 mod, weights, qreport = quantize_weights.run(mod, weights, policy, target.kernels)
                 pass_reports.append(qreport)

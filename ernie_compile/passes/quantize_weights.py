@@ -156,7 +156,7 @@ def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy, target_kern
                 params.append(var)
                 step_weights.append(w)
                 continue
-            parts = _part_vars(w["name"], var, spec)
+            parts = _part_vars(w.get("store", w["name"]), var, spec)
             quantized[var] = (spec, parts)
             params.extend(parts)
             step_weights.append({**w, "quant": spec.as_dict(), "parts": [str(p) for p in parts]})

@@ -40,6 +40,9 @@ class WebGpuTarget:
     kernels = webgpu_kernels
     library_name = PLAN
     adapter: str = "any"  # "vulkan" for --target vulkan: the backend the runtime asks wgpu for
+    # weights over this are stored as row blocks (passes/split_large_weights.py): every WebGPU
+    # adapter grants 128 MiB bindings, many (phones, lavapipe) no more
+    max_binding_bytes: int = DEFAULT_BINDING_LIMIT
 
     @classmethod
     def from_spec(cls, detail: str | None) -> "WebGpuTarget":

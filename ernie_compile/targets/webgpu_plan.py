@@ -384,7 +384,9 @@ def build(mod: tvm.IRModule, target, var_ranges: dict[str, tuple[int, int]],
         f = mod[name]
         functions[name] = planner.function(f, int(f.attrs["num_input"]))
     used = {launch["kernel"] for f in functions.values() for launch in f["launches"]}
-    kernels = {k: dict(v, wgsl=f"kernels/{k}.wgsl") for k, v in kernels.items() if k in used}
+    # file names: fused kernels' names can pass the file system's 255-byte limit
+    kernels = {k: dict(v, wgsl=f"kernels/{i:03d}-{k[:80]}.wgsl")
+               for i, (k, v) in enumerate(sorted(kernels.items())) if k in used}
     limits = {
         "maxStorageBufferBindingSize": max(b["bytes"] for b in planner.buffers),
         "maxStorageBuffersPerShaderStage": max(len(k["buffers"]) for k in kernels.values()),

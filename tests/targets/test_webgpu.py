@@ -244,3 +244,33 @@ def tvm_eval(expr, var, value):
     analyzer = Analyzer()
     analyzer.bind(var, value)
     return analyzer.simplify(expr).value
+
+
+@pytest.mark.parametrize("bits, limit", [(None, 64 << 10), ("4", 16 << 10)])
+def test_weights_over_the_binding_limit_are_split(bits, limit, checkpoints, tmp_path, monkeypatch):
+    """A tiny binding limit splits the tied embedding / lm_head (and the larger linears) into
+    row blocks: the embedding lookup and the logits span every block and still match eager (4-bit:
+    each block quantized, against the fake-quant reference)."""
+    import dataclasses
+
+    from ernie_compile import targets
+
+    small = dataclasses.make_dataclass("SmallBindings", [("max_binding_bytes", int, limit)],
+                                       bases=(webgpu.WebGpuTarget,), frozen=True)
+    small.name = "webgpu-small"
+    monkeypatch.setitem(targets.TARGETS, small.name, small)
+    folder = checkpoints["gqa-tied-hd48"]
+    out = tmp_path / "out"
+    report = compile_model(CompileOptions(output=out, model=str(folder), target=small.name, bits=bits,
+                                          max_seq_len=64), log=lambda *_: None)
+    assert report["passes"]["split_large_weights"]["matched"] >= 2  # the lookup and the logits
+    plan = json.loads((out / "plan.json").read_text())
+    assert max(b["bytes"] for b in plan["buffers"] if b["kind"] == "weight") <= limit
+    model = eager_model(folder)
+    if bits:
+        model = fake_quant(model, QuantPolicy.parse(bits))
+    session = Session(out)
+    prompt = [1000, 3, 517, 260, 1023, 42]  # ids in the first, middle and last blocks
+    with torch.no_grad():
+        assert rel_error(session.forward(prompt), model(torch.tensor([prompt])).logits[0, -1]) < 1e-4
+    assert session.generate(prompt, 8, stop_at_eos=False).tokens == eager_greedy(model, prompt, 8)

@@ -1,0 +1,137 @@
+"""Split weights larger than a target's storage-binding limit into row blocks, and their readers with them.
+
+WebGPU binds each buffer whole and most adapters (phones, lavapipe) bind at most 128 MiB; the 0.3b
+tied embedding is 404 MiB in float32. Rows are independent for both readers, so:
+
+    before:  y = R.matmul(x, R.permute_dims(W))       e = R.take(W, ids, axis=0)
+    after:   y = concat([x @ W0ᵀ, x @ W1ᵀ, …], -1)   e = Σᵢ where(aᵢ ≤ ids < bᵢ, take(Wᵢ, clip(ids − aᵢ)), 0)
+
+Runs before quantize_weights, which then quantizes each block as an ordinary weight; the size that
+must fit is the stored one (the policy's packed size for a quantized weight). The weight list
+gains {"rows": [a, b], "store": name} entries: the packager writes rows [a, b) of the transformers
+tensor under `store`. Any other reader of a split weight is an error.
+"""
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import relax
+
+from ..errors import InternalError
+from . import PassReport
+
+NAME = "split_large_weights"
+
+
+def stored_bytes(name: str, shape: list[int], dtype: str, policy, layouts) -> int:
+    """Bytes of weight `name` as the artifact stores it: packed if the policy quantizes it."""
+    n, k = shape
+    spec = policy.spec_for(name, k, n, layouts) if policy else None
+    if spec is None:
+        return n * k * tvm.DataType(dtype).bits // 8
+    scale = tvm.DataType(spec.scale_dtype).bits // 8
+    return n * (4 * spec.words(k) + 2 * scale * (k // spec.group_size))
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, blocks: dict):
+        super().__init__(mod)
+        self.blocks = blocks  # weight Var → [(a, b, block Var), …]
+        self.sites = 0
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul":
+            return self._linear(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take":
+            return self._take(call)
+        return call
+
+    def _producer(self, expr, op_name: str):
+        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        if isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name == op_name:
+            return bound
+        return None
+
+    def _linear(self, call):
+        op, emit = relax.op, self.builder_.emit
+        x, wt = call.args
+        # W read as permute_dims(W); the importer may cast on either side of it (float16 models)
+        outer = self._producer(wt, "relax.astype")
+        perm = self._producer(outer.args[0] if outer is not None else wt, "relax.permute_dims")
+        if perm is None:
+            return call
+        inner = self._producer(perm.args[0], "relax.astype")
+        weight = inner.args[0] if inner is not None else perm.args[0]
+        if weight not in self.blocks:
+            return call
+        outs = []
+        for _, _, block in self.blocks[weight]:
+            w = op.astype(block, inner.attrs.dtype) if inner is not None else block
+            w = op.permute_dims(w)
+            w = op.astype(w, outer.attrs.dtype) if outer is not None else w
+            outs.append(emit(op.matmul(x, emit(w), out_dtype=call.attrs.out_dtype)))
+        self.sites += 1
+        return op.concat(outs, axis=-1)
+
+    def _take(self, call):
+        op, emit = relax.op, self.builder_.emit
+        weight, ids = call.args
+        if weight not in self.blocks or int(call.attrs.axis) != 0:
+            return call
+        total = None
+        for a, b, block in self.blocks[weight]:
+            const = lambda v: relax.const(v, ids.ty.dtype)  # noqa: E731
+            local = emit(op.clip(op.subtract(ids, const(a)), relax.prim_value(0), relax.prim_value(b - a - 1)))
+            rows = emit(op.take(block, local, axis=0))
+            inside = op.logical_and(op.greater_equal(ids, const(a)), op.less(ids, const(b)))
+            part = emit(op.where(op.expand_dims(inside, -1), rows, op.zeros_like(rows)))
+            total = part if total is None else emit(op.add(total, part))
+        self.sites += 1
+        return total
+
+
+def run(mod: tvm.IRModule, weights: list[dict], limit: int, policy, layouts,
+        functions=("prefill", "decode")) -> tuple[tvm.IRModule, list[dict], PassReport]:
+    """Returns the module, the new weight list and the report (matched = readers rewritten)."""
+    report = PassReport(NAME)
+    mod = tvm.IRModule(dict(mod.functions_items()))
+    new_weights = None
+    for fname in functions:
+        func = mod[fname]
+        n_in = int(func.attrs["num_input"])
+        params, step_weights, blocks = list(func.params[:n_in]), [], {}
+        for var, w in zip(func.params[n_in:], weights):
+            shape = [int(d) for d in var.ty.shape]
+            size = stored_bytes(w["name"], shape, var.ty.dtype, policy, layouts) if len(shape) == 2 else 0
+            if size <= limit:
+                params.append(var)
+                step_weights.append(w)
+                continue
+            per = limit // math.ceil(size / shape[0])  # rows per block (each row's share rounded up)
+            if per < 1:
+                raise InternalError(f"{NAME}: one row of {w['name']} exceeds the binding limit {limit}")
+            per = math.ceil(shape[0] / math.ceil(shape[0] / per))  # the same blocks, evened out
+            blocks[var] = []
+            for a in range(0, shape[0], per):
+                b = min(a + per, shape[0])
+                store = f"{w['name']}.rows{a}-{b}"
+                block = relax.Var(store, relax.TensorType([b - a, shape[1]], var.ty.dtype))
+                blocks[var].append((a, b, block))
+                params.append(block)
+                step_weights.append({**w, "rows": [a, b], "store": store})
+        rewriter = _Rewriter(mod, blocks)
+        body = rewriter.visit_expr(func.body)
+        new_func = relax.analysis.remove_all_unused(relax.Function(params, body, func.ret_ty, func.is_pure,
+                                                                   func.attrs))
+        still = {str(v) for v in relax.analysis.free_vars(new_func.body)} & {str(v) for v in blocks}
+        if still:
+            raise InternalError(f"{NAME}: {fname} still reads the whole of {sorted(still)[:3]}")
+        mod[fname] = new_func
+        if new_weights is not None and new_weights != step_weights:
+            raise InternalError(f"{NAME}: step functions disagree on the weight list")
+        new_weights = step_weights
+        report.matched = report.expected = rewriter.sites
+    return mod, new_weights, report
