@@ -241,8 +241,9 @@ class _Tvm:
                 state = loaded.model.state_dict()
                 order, recon_errors = package.write_weights(state, weights, tmp / "weights.safetensors")
                 stored = {"file": "weights.safetensors", "order": order}
+                tokenizer = _tokenizer(loaded, tmp)
                 if planned:
-                    stored = target.finish(tmp, tmp / "weights.safetensors", order)
+                    stored = target.finish(tmp, tmp / "weights.safetensors", order, tokenizer)
                     if "warning" in stored:
                         log("  " + stored.pop("warning"))
                 manifest = dict(
@@ -257,7 +258,7 @@ class _Tvm:
                              "quantized": {w["name"]: w["quant"] for w in weights if "quant" in w}},
                     quantization=policy.as_dict() if policy else None,
                     kv_cache={"max_seq_len": opts.max_seq_len, "page_size": PAGE_SIZE},
-                    tokenizer=_tokenizer(loaded, tmp),
+                    tokenizer=tokenizer,
                     passes={r.name: {"matched": r.matched, "expected": r.expected} for r in pass_reports},
                     tuning=tuner.report() if opts.tuning_db else None)
                 package.write_manifest(tmp, manifest)

@@ -11,6 +11,7 @@ UNKNOWN = " ⁇ "
 class Tokenizer:
     def __init__(self, folder: Path, info: dict):
         files = set(info.get("files", ()))
+        self.pieces = None  # SentencePiece pieces by id, when that is the tokenizer
         self.bos_token_id = info.get("bos_token_id")
         if "tokenizer.json" in files:
             from tokenizers import Tokenizer as HFTokenizer
@@ -26,6 +27,9 @@ class Tokenizer:
             self._encode = sp.encode
             self._decode = sp.decode
             self.size = sp.vocab_size()
+            # for hosts without SentencePiece: each id's text, control tokens empty, <unk> as its mark
+            self.pieces = ["" if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else sp.id_to_piece(i)
+                           for i in range(self.size)]
         else:
             self._encode = None
 

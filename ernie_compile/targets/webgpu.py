@@ -88,7 +88,7 @@ class WebGpuTarget:
         return out_dir / PLAN, {**report.as_dict(), "launches": {f: len(p["launches"])
                                                                   for f, p in plan["functions"].items()}}
 
-    def finish(self, out_dir: Path, weights_file: Path, order: list[str]) -> dict:
+    def finish(self, out_dir: Path, weights_file: Path, order: list[str], tokenizer: dict) -> dict:
         """Move the weights (safetensors, in `order`) and the plan's constants into raw shards at
         256-byte-aligned offsets; name and place every weight buffer in the plan. → manifest "weights"
         (with a "warning" when a tensor exceeds the binding size every adapter grants)."""
@@ -126,6 +126,7 @@ class WebGpuTarget:
         (out_dir / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
         weights_file.unlink()
         (out_dir / _CONSTANTS).unlink()
+        _write_vocab(out_dir, tokenizer)
         stored = {"shards": [s["file"] for s in shards], "tensors": sum(1 for b in plan["buffers"] if b["kind"] == "weight")}
         largest = max((b for b in plan["buffers"] if b["kind"] == "weight"), key=lambda b: b["bytes"])
         if largest["bytes"] > DEFAULT_BINDING_LIMIT:
@@ -134,6 +135,17 @@ class WebGpuTarget:
                 f"limit ({DEFAULT_BINDING_LIMIT >> 20} MiB); adapters at the default (phones, lavapipe) will refuse this "
                 "artifact — fewer --bits make it smaller")
         return stored
+
+
+def _write_vocab(out_dir: Path, tokenizer: dict) -> None:
+    """vocab.json (pieces by id) for hosts without a SentencePiece library (the JS runtime decodes
+    with it); `tokenizer` (the manifest's entry) learns its name. SentencePiece tokenizers only."""
+    from ..runtime.tokenizer import Tokenizer
+
+    pieces = Tokenizer(out_dir, tokenizer).pieces
+    if pieces is not None:
+        (out_dir / "vocab.json").write_text(json.dumps(pieces, ensure_ascii=False))
+        tokenizer.update(vocab="vocab.json", strip_leading_space=True)  # as SentencePiece's decode does
 
 
 @dataclass(frozen=True)

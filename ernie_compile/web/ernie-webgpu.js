@@ -84,7 +84,11 @@ async function build(device, adapter, manifest, plan, read, log) {
   }
   const error = await device.popErrorScope();
   if (error) throw new Error(`WebGPU validation error while loading: ${error.message}`);
-  return new Artifact(manifest, plan, adapter, device, buffers, functions);
+  const artifact = new Artifact(manifest, plan, adapter, device, buffers, functions);
+  if (manifest.tokenizer?.vocab) {
+    artifact.vocab = JSON.parse(new TextDecoder().decode(await read(manifest.tokenizer.vocab)));
+  }
+  return artifact;
 }
 
 /** A loaded artifact: its buffers live on `device` and the KV cache persists between steps. */
@@ -157,6 +161,22 @@ class Artifact {
     fn.readback.unmap();
     return fn.output.dtype === "float16" ? halfToFloat(new Uint16Array(raw, 0, count))
       : new Float32Array(raw, 0, count);
+  }
+
+  /** Text of token ids from the artifact's vocabulary (SentencePiece pieces: "▁" is a space,
+   * <0xNN> a byte); ids outside it show as " ⁇ ". Empty when the artifact has no vocabulary. */
+  decode(ids) {
+    if (!this.vocab) return "";
+    const bytes = [];
+    const utf8 = new TextEncoder();
+    for (const id of ids) {
+      const piece = this.vocab[id];
+      const byte = piece && /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
+      if (byte) bytes.push(parseInt(byte[1], 16));
+      else bytes.push(...utf8.encode(piece === undefined || piece === null ? " ⁇ " : piece.replaceAll("▁", " ")));
+    }
+    const text = new TextDecoder().decode(new Uint8Array(bytes));
+    return this.manifest.tokenizer?.strip_leading_space && text.startsWith(" ") ? text.slice(1) : text;
   }
 
   /** Greedy generation from position 0; stops after an end-of-sequence token or maxNewTokens. */

@@ -95,6 +95,10 @@ def test_browser_page_generates_the_same_tokens(default, default_reference):
     result = browser.run_page(default, {"ids": ",".join(map(str, PROMPT_IDS)), "n": 16}, timeout=240)
     assert "error" not in result, result.get("error")
     assert result["tokens"] == default_reference[1]
+    # the page's text comes from vocab.json; SentencePiece itself decodes the same ids
+    tokenizer = Session(default).tokenizer
+    assert result["text"] == tokenizer.decode(result["tokens"])
+    assert result["prompt_text"] == tokenizer.decode(PROMPT_IDS)
 
 
 def test_browser_chunked_prefill(checkpoints, tmp_path, monkeypatch):
