@@ -189,6 +189,8 @@ class _Tvm:
         opts = dataclasses.replace(opts, dtype=dtype)
         if opts.tune and opts.tuning_db is None:
             opts = dataclasses.replace(opts, tuning_db=DEFAULT_TUNING_DB)
+        if opts.tune and not getattr(target.kernels, "TUNABLE", None):
+            raise UserError(f"--tune: target {target.name} has no kernels with schedule parameters to search")
         if opts.tune and not target.runnable_here:
             raise UserError(f"--tune measures kernels on this machine; a {target.spec} build does not run here "
                             f"(tune on the device, then pass --tuning-db)")

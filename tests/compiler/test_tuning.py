@@ -90,4 +90,6 @@ def test_bad_database_and_cross_target_tuning_are_one_line_errors(tmp_path):
     proc = run_cli("ernie_compile.cli", "--tune", "--tuning-db", str(tmp_path / "db.jsonl"), "--target",
                    "cpu:aarch64-linux-android", "-o", str(tmp_path / "o2"), check=False)
     assert proc.returncode == 2 and "--tune measures kernels on this machine" in proc.stderr
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    proc = run_cli("ernie_compile.cli", "--tune", "--target", "webgpu", "-o", str(tmp_path / "o3"), check=False)
+    assert proc.returncode == 2 and "no kernels with schedule parameters" in proc.stderr
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
