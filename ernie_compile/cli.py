@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--embed-bits", type=int, help="bits of the embedding / lm_head (overrides --bits)")
     q.add_argument("--group-size", type=int, default=32, help="values per scale (default 32)")
     q.add_argument("--asymmetric", action="store_true", help="per-group offset instead of symmetric codes")
-    q.add_argument("--scale-dtype", default="float16", choices=["float16", "float32"])
+    q.add_argument("--scale-dtype", default=None, choices=["float16", "float32"],
+                   help="group scales (default float16; float32 for --target webgpu/vulkan in float32, "
+                        "whose adapters may lack shader-f16)")
     q.add_argument("--act-bits", default="auto", choices=["auto", "8", "none"],
                    help="8: linears over 4/8-bit weights quantize their input activations to int8 per "
                         "block of 32 (AVX-512 VNNI kernels, faster, slightly less accurate); none: float32 "

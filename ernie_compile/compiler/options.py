@@ -21,7 +21,7 @@ class CompileOptions:
     embed_bits: int | None = None  # the embedding / lm_head, overriding --bits
     group_size: int = 32
     symmetric: bool = True
-    scale_dtype: str = "float16"
+    scale_dtype: str | None = None  # None: the target's choice (float16; float32 for float32 WebGPU)
     # "8": linears over 4/8-bit weights quantize activations to int8 per block of 32 (x86 VNNI kernels);
     # "none": float32 activations; "auto": "8" where the target has AVX-512 VNNI, else "none"
     act_bits: str = "auto"

@@ -178,15 +178,17 @@ class _Tvm:
         target = get_target(opts.target)
         tvm_target = target.tvm_target()
         opts = dataclasses.replace(opts, act_bits=_act_bits(opts, target))
-        policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype,
-                                   8 if opts.act_bits == "8" else None)
         if getattr(target.kernels, "KV_CACHE", "paged") == "contiguous" and not opts.fuse_attention:
             raise UserError(f"--no-fuse-attention: target {target.name} attends through its own KV-cache kernels, "
                             "which the fused attention route feeds")
         dtype = opts.dtype or target.dtypes[0]
         if dtype not in target.dtypes:
             raise UserError(f"--dtype {dtype}: target {target.name} computes in {' or '.join(target.dtypes)}")
-        opts = dataclasses.replace(opts, dtype=dtype)
+        # group scales in float16 unless the target says otherwise (WebGPU: float16 needs shader-f16)
+        scale_dtype = opts.scale_dtype or getattr(target, "scale_dtype", lambda _: "float16")(dtype)
+        opts = dataclasses.replace(opts, dtype=dtype, scale_dtype=scale_dtype)
+        policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype,
+                                   8 if opts.act_bits == "8" else None)
         if opts.tune and opts.tuning_db is None:
             opts = dataclasses.replace(opts, tuning_db=DEFAULT_TUNING_DB)
         if opts.tune and not getattr(target.kernels, "TUNABLE", None):

@@ -44,6 +44,12 @@ class WebGpuTarget:
     # adapter grants 128 MiB bindings, many (phones, lavapipe) no more
     max_binding_bytes: int = DEFAULT_BINDING_LIMIT
 
+    @staticmethod
+    def scale_dtype(dtype: str) -> str:
+        """Group scales of quantized weights: float16 only where the kernels compute in float16
+        anyway — a float16 scale needs shader-f16, which many adapters lack (SwiftShader, older phones)."""
+        return "float16" if dtype == "float16" else "float32"
+
     @classmethod
     def from_spec(cls, detail: str | None) -> "WebGpuTarget":
         if detail:

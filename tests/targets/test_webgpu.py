@@ -101,6 +101,22 @@ def test_browser_page_generates_the_same_tokens(default, default_reference):
     assert result["prompt_text"] == tokenizer.decode(PROMPT_IDS)
 
 
+def test_browser_runs_4bit_weights(tmp_path):
+    """4-bit weights (float32 scales: SwiftShader has no shader-f16) in the page, against transformers
+    eager on the dequantized weights."""
+    _need("chromium", browser.chromium_available())
+    from ernie_compile.compiler.load import load_preset
+
+    out = tmp_path / "q4"
+    _compile(out, bits="4")
+    ref = fake_quant(load_preset("ernie-tiny").model, QuantPolicy.parse("4", scale_dtype="float32"))
+    ref.set_attn_implementation("eager")
+    ref.generation_config.eos_token_id = None
+    result = browser.run_page(out, {"ids": ",".join(map(str, PROMPT_IDS)), "n": 12}, timeout=240)
+    assert "error" not in result, result.get("error")
+    assert result["tokens"] == eager_greedy(ref, PROMPT_IDS, 12)
+
+
 def test_browser_chunked_prefill(checkpoints, tmp_path, monkeypatch):
     """A prompt longer than the plan's largest T runs as consecutive prefill calls in JS too."""
     _need("chromium", browser.chromium_available())
@@ -193,7 +209,7 @@ def test_moe_matches_eager(case, moe_checkpoints, tmp_path):
         model.generation_config.eos_token_id = None
         assert "shader-f16" in json.loads((out / "plan.json").read_text())["features"]
     if bits:
-        model = fake_quant(model, QuantPolicy.parse(bits))
+        model = fake_quant(model, QuantPolicy.parse(bits, scale_dtype=webgpu.WebGpuTarget.scale_dtype(dtype)))
     session = Session(out)
     with torch.no_grad():
         err = rel_error(session.forward(PROMPT_IDS), model(torch.tensor([PROMPT_IDS])).logits[0, -1])
@@ -272,7 +288,7 @@ def test_weights_over_the_binding_limit_are_split(bits, limit, checkpoints, tmp_
     assert max(b["bytes"] for b in plan["buffers"] if b["kind"] == "weight") <= limit
     model = eager_model(folder)
     if bits:
-        model = fake_quant(model, QuantPolicy.parse(bits))
+        model = fake_quant(model, QuantPolicy.parse(bits, scale_dtype="float32"))
     session = Session(out)
     prompt = [1000, 3, 517, 260, 1023, 42]  # ids in the first, middle and last blocks
     with torch.no_grad():
