@@ -20,6 +20,20 @@ class PassReport:
         return f"{self.name}: {self.matched}/{self.expected}"
 
 
+def replace_weight_inputs(func, params: list, body, replaced, pass_name: str, what: str):
+    """A step function with new weight inputs `params` and rewritten `body`; an InternalError if any
+    of the `replaced` inputs is still read (`what` names them in the message)."""
+    from tvm import relax
+
+    from ..errors import InternalError
+
+    new = relax.analysis.remove_all_unused(relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs))
+    still = {str(v) for v in relax.analysis.free_vars(new.body)} & {str(v) for v in replaced}
+    if still:
+        raise InternalError(f"{pass_name}: {func.attrs['global_symbol']} still reads {what} {sorted(still)[:3]}")
+    return new
+
+
 def select_passes(config, fuse_attention: bool = True) -> list:
     """The passes that apply to `config`, in order. Each pass module has NAME, OP_NAME,
     expected_sites(config), install(model) (capture side: route transformers' modules through our

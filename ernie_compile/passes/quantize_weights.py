@@ -19,7 +19,7 @@ from tvm import relax, tirx
 from ..compiler.kernel_table import KernelTable
 from ..compiler.quantize import QuantPolicy, QuantSpec
 from ..errors import InternalError
-from . import PassReport
+from . import PassReport, replace_weight_inputs
 
 NAME = "quantize_weights"
 PARTS = ("qweight", "qscale", "qmin")
@@ -162,11 +162,7 @@ def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy, target_kern
             step_weights.append({**w, "quant": spec.as_dict(), "parts": [str(p) for p in parts]})
         rewriter = _Rewriter(mod, quantized, kernels, target_kernels)
         body = rewriter.visit_expr(func.body)
-        new_func = relax.analysis.remove_all_unused(relax.Function(params, body, func.ret_ty, func.is_pure,
-                                                                   func.attrs))
-        still = {str(v) for v in relax.analysis.free_vars(new_func.body)} & {str(v) for v in quantized}
-        if still:
-            raise InternalError(f"{NAME}: {fname} still reads float weights {sorted(still)[:3]}")
+        new_func = replace_weight_inputs(func, params, body, quantized, NAME, "float weights")
         mod[fname] = new_func
         if new_weights is not None and new_weights != step_weights:
             raise InternalError(f"{NAME}: step functions disagree on the weight list")

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 
 from ..errors import InternalError
-from . import PassReport
+from . import PassReport, replace_weight_inputs
 
 NAME = "split_large_weights"
 
@@ -124,11 +124,7 @@ def run(mod: tvm.IRModule, weights: list[dict], limit: int, policy, layouts,
                 step_weights.append({**w, "rows": [a, b], "store": store})
         rewriter = _Rewriter(mod, blocks)
         body = rewriter.visit_expr(func.body)
-        new_func = relax.analysis.remove_all_unused(relax.Function(params, body, func.ret_ty, func.is_pure,
-                                                                   func.attrs))
-        still = {str(v) for v in relax.analysis.free_vars(new_func.body)} & {str(v) for v in blocks}
-        if still:
-            raise InternalError(f"{NAME}: {fname} still reads the whole of {sorted(still)[:3]}")
+        new_func = replace_weight_inputs(func, params, body, blocks, NAME, "the whole of")
         mod[fname] = new_func
         if new_weights is not None and new_weights != step_weights:
             raise InternalError(f"{NAME}: step functions disagree on the weight list")
