@@ -241,6 +241,8 @@ class _Tvm:
             planned = hasattr(target, "finish")
             with stages("build"):
                 library, build_info = target.build(mod, tmp, **({"max_seq_len": opts.max_seq_len} if planned else {}))
+            if "launches" in build_info:  # a launch plan: what a host dispatches per call
+                log("  launch plan: " + ", ".join(f"{f} {n} kernels" for f, n in build_info["launches"].items()))
             with stages("package"):
                 state = loaded.model.state_dict()
                 order, recon_errors = package.write_weights(state, weights, tmp / "weights.safetensors")
