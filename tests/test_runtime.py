@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -69,6 +70,22 @@ def test_sampling_is_seeded_and_valid(tiny):
     assert a == b and all(0 <= t < s.vocab_size for t in a)
     with pytest.raises(UserError):
         Sampler(top_p=0)
+
+
+def test_tvm_thread_count_is_pinned(tiny):
+    """Unpinned, TVM halves the CPU count (assuming hyper-threads) and asks glibc for it (three system
+    calls) at every parallel kernel launch; loading an artifact pins one thread per physical core
+    (TVM's own count where the topology is unreadable), and keeps a user's own setting."""
+    code = ("import os, sys, tvm; from ernie_compile.runtime import Session; "
+            "from ernie_compile.runtime.tvm_engine import physical_cores; Session(sys.argv[1]); "
+            "print(os.environ['TVM_NUM_THREADS'], physical_cores() or tvm.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    for given in (None, "3"):
+        run_env = env if given is None else dict(env, TVM_NUM_THREADS=given)
+        proc = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True, text=True, env=run_env)
+        assert proc.returncode == 0, proc.stderr
+        pinned, default = proc.stdout.split()
+        assert pinned == (given or default)
 
 
 def test_cross_build_aarch64_android(tmp_path):

@@ -38,8 +38,8 @@ def _quantize_rows(k: int):
     @T.macro
     def quantize_rows(x, xq8, dx, sx, i):
         for b in range(blocks):
-            red = T.decl_buffer((16,), "float32", scope="local")
-            am = T.decl_buffer((2,), "float32", scope="local")  # max |x|, Σ codes
+            red = T.decl_buffer((16,), "float32")  # default scope: a stack slot (cpu_kernels.py)
+            am = T.decl_buffer((2,), "float32")  # max |x|, Σ codes
             for v in T.vectorized(16):
                 red[v] = T.max(T.fabs(x[i, b * BLOCK + v]), T.fabs(x[i, b * BLOCK + 16 + v]))
             am[0] = T.float32(0)
@@ -100,7 +100,7 @@ def linear_q_vnni(n: int, k: int, spec, dtype: str = "float32", tokens: int = 4,
     def make_tile(tb: int):
         @T.macro
         def tile(qwf, qsf, qmf, xq32, dx, sx, y, t, i0):
-            accf = T.alloc_buffer((tb, TILE), "float32", scope="local", annotations={"disable_lower_builtin": True})
+            accf = T.decl_buffer((tb, TILE), "float32")  # default scope and < 1 KiB: a stack slot (cpu_kernels.py)
             for ii in T.unroll(tb):
                 accf[ii, T.ramp(0, 1, TILE)] = T.broadcast(T.float32(0), TILE)
             for b in range(blocks):
