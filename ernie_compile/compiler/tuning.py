@@ -133,6 +133,9 @@ def measure(tunable: dict, key: dict, params: dict) -> float:
     import numpy as np
     import tvm
 
+    from ..runtime.tvm_engine import pin_thread_count
+
+    pin_thread_count(tvm)  # measure with the threads the runtime will use
     func = tunable["build"](key, params).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(key["target"]))
     dev = tvm.cpu()

@@ -45,7 +45,7 @@ def physical_cores() -> int | None:
     return len(cores) or None
 
 
-def _pin_thread_count(tvm) -> None:
+def pin_thread_count(tvm) -> None:
     """Fix TVM's CPU thread count for the process: one thread per physical core.
 
     Without TVM_NUM_THREADS (or OMP_NUM_THREADS) in the environment, TVM takes
@@ -71,7 +71,7 @@ class TvmEngine:
         self.device = tvm.runtime.device(device, 0)
         if device != "cpu" and not self.device.exist:
             raise UserError(f"{folder}: built for {m['target']['spec']}; this machine has no {device} device")
-        _pin_thread_count(tvm)
+        pin_thread_count(tvm)
         if m.get("kernels", {}).get("fatbin"):
             _serve_prebuilt_cuda(folder / m["kernels"]["fatbin"], m["kernels"]["source_sha256"])
         self._vm = VirtualMachine(tvm.runtime.load_module(str(folder / m["library"])), self.device)
