@@ -20,6 +20,37 @@ class PassReport:
         return f"{self.name}: {self.matched}/{self.expected}"
 
 
+@dataclass
+class LinearRead:
+    """How a matmul reads its weight: x @ outer(permute_dims(inner(W))), where the importer may add
+    either cast (`inner`, `outer`: the astype calls, or None) around a float16 linear."""
+
+    weight: object  # the weight Var W
+    inner: object
+    outer: object
+
+
+def producer(mutator, expr, op_name: str):
+    """The call of `op_name` that produced `expr` (through its binding in `mutator`), or None."""
+    import tvm
+    from tvm import relax
+
+    bound = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+    if isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name == op_name:
+        return bound
+    return None
+
+
+def linear_read(mutator, call) -> LinearRead | None:
+    """For R.matmul(x, wt): how wt reads a weight, or None if it is not a transposed weight."""
+    outer = producer(mutator, call.args[1], "relax.astype")
+    perm = producer(mutator, outer.args[0] if outer is not None else call.args[1], "relax.permute_dims")
+    if perm is None:
+        return None
+    inner = producer(mutator, perm.args[0], "relax.astype")
+    return LinearRead(inner.args[0] if inner is not None else perm.args[0], inner, outer)
+
+
 def replace_weight_inputs(func, params: list, body, replaced, pass_name: str, what: str):
     """A step function with new weight inputs `params` and rewritten `body`; an InternalError if any
     of the `replaced` inputs is still read (`what` names them in the message)."""

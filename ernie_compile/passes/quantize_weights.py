@@ -19,7 +19,7 @@ from tvm import relax, tirx
 from ..compiler.kernel_table import KernelTable
 from ..compiler.quantize import QuantPolicy, QuantSpec
 from ..errors import InternalError
-from . import PassReport, replace_weight_inputs
+from . import PassReport, linear_read, replace_weight_inputs
 
 NAME = "quantize_weights"
 PARTS = ("qweight", "qscale", "qmin")
@@ -50,27 +50,14 @@ class _Rewriter(relax.PyExprMutator):
     def _weight(self, expr):
         return self.quantized.get(expr) if isinstance(expr, relax.Var) else None
 
-    def _producer(self, expr, op_name: str):
-        """The call of `op_name` that produced `expr` (through its binding), or None."""
-        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
-        if isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name == op_name:
-            return bound
-        return None
-
     def _linear(self, call):
-        x, wt = call.args
-        # W read as permute_dims(W); the importer may add a cast to x's dtype on either side of it
-        cast = self._producer(wt, "relax.astype")
-        bound = self._producer(cast.args[0] if cast is not None else wt, "relax.permute_dims")
-        if bound is None:
-            return call
-        weight = bound.args[0]
-        inner = self._producer(weight, "relax.astype")
-        entry = self._weight(inner.args[0] if inner is not None else weight)
+        x = call.args[0]
+        read = linear_read(self, call)
+        entry = self._weight(read.weight) if read is not None else None
         if entry is None:
             return call
         spec, parts = entry
-        n, k = (int(d) for d in weight.ty.shape)
+        n, k = (int(d) for d in read.weight.ty.shape)
         lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
         m = 1
         for d in lead:

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 
 from ..errors import InternalError
-from . import PassReport, replace_weight_inputs
+from . import PassReport, linear_read, replace_weight_inputs
 
 NAME = "split_large_weights"
 
@@ -49,26 +49,15 @@ class _Rewriter(relax.PyExprMutator):
             return self._take(call)
         return call
 
-    def _producer(self, expr, op_name: str):
-        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
-        if isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name == op_name:
-            return bound
-        return None
-
     def _linear(self, call):
         op, emit = relax.op, self.builder_.emit
-        x, wt = call.args
-        # W read as permute_dims(W); the importer may cast on either side of it (float16 models)
-        outer = self._producer(wt, "relax.astype")
-        perm = self._producer(outer.args[0] if outer is not None else wt, "relax.permute_dims")
-        if perm is None:
+        x = call.args[0]
+        read = linear_read(self, call)
+        if read is None or read.weight not in self.blocks:
             return call
-        inner = self._producer(perm.args[0], "relax.astype")
-        weight = inner.args[0] if inner is not None else perm.args[0]
-        if weight not in self.blocks:
-            return call
+        inner, outer = read.inner, read.outer
         outs = []
-        for _, _, block in self.blocks[weight]:
+        for _, _, block in self.blocks[read.weight]:
             w = op.astype(block, inner.attrs.dtype) if inner is not None else block
             w = op.permute_dims(w)
             w = op.astype(w, outer.attrs.dtype) if outer is not None else w

@@ -269,6 +269,9 @@ class _Planner:
         for v in relax.analysis.free_vars(result):
             last_use[root.get(_key(v), _key(v))] = len(bindings)
 
+        dies_at: dict[int, list[int]] = {}  # binding index → root vars last read there
+        for r, last in last_use.items():
+            dies_at.setdefault(last, []).append(r)
         free: list[int] = []  # free scratch slots (indices into self.scratch)
         slot_of: dict[int, int] = {}  # buffer id → slot
         owner: dict[int, int] = {}  # root var → buffer id it owns
@@ -324,8 +327,8 @@ class _Planner:
             else:
                 raise InternalError(f"webgpu plan: {func.attrs['global_symbol']}: cannot plan `{value}`")
             # free the scratch of values whose last reader was this binding
-            for r, last in last_use.items():
-                if last == i and r in owner:
+            for r in dies_at.get(i, ()):
+                if r in owner:
                     for buf in (owner[r] if isinstance(owner[r], list) else [owner[r]]):
                         if buf in slot_of:
                             free.append(slot_of.pop(buf))
