@@ -8,6 +8,7 @@ input, counts positions and samples; the engines only run steps.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,10 @@ class Session:
         self.vocab_size = m["vocab_size"]
         self.tokenizer = Tokenizer(self.folder, m["tokenizer"])
         self.reset()
+        # Everything loaded so far lives as long as the session: out of the collector's sight, a full
+        # collection during generation takes ~0.2 ms instead of ~120 ms (230,000 objects after TVM's
+        # import), the time of 20 decode steps of the 0.3b model.
+        gc.freeze()
 
     def reset(self) -> None:
         """Start a new sequence with an empty KV cache."""
