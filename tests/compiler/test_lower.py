@@ -27,11 +27,11 @@ def test_negative_select_with_symbolic_length():
 
 
 def test_our_rope_kernel_matches_tvms():
-    """The KV cache's fused_rope slot: ours (targets/cpu_kernels.py) against the TVM kernel it
+    """The KV cache's fused_rope slot: ours (targets/cpu_attention.py) against the TVM kernel it
     replaces, on decode and prefill shapes, with RoPE on and off (0.3b heads, theta 500000)."""
     from ernie_compile.compiler.load import load_preset
     from ernie_compile.compiler.lower import _kv_cache_module
-    from ernie_compile.targets.cpu_kernels import fused_rope
+    from ernie_compile.targets.cpu_attention import fused_rope
 
     from tvm.relax.frontend.nn.llm.kv_cache import llama_rope_with_position_map
 
