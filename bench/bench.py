@@ -9,8 +9,10 @@ Rows: ours (TVM backend) per --bits, the inductor backend (AOTInductor, float32)
 (float32, sdpa, its own KV cache), llama.cpp Q4_0 when asked. Columns: compile time per stage,
 artifact size, runtime peak RSS (VmHWM of a fresh process), prefill tok/s over --prompt tokens (128),
 first-token latency (= that prefill), decode tok/s over --decode steps (64), medians of --reps after a
-warm-up; and the memory-bandwidth bound of decode (weight bytes per token / read bandwidth measured
-in the same run) with the share of it reached.
+warm-up; and the memory-bandwidth bound of decode (weight bytes per token / read bandwidth) with the
+share of it reached. The read bandwidth of this machine swings 30-70 GB/s within seconds, so it is
+measured right before and right after every timed decode (bench/membw.py) and each decode is set
+against the mean of its two probes.
 """
 from __future__ import annotations
 
@@ -25,25 +27,24 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench_e2e import eager_speed  # noqa: E402
-from bench_quant import decode_weight_bytes, read_bandwidth_gbs  # noqa: E402
-from common import llamacpp_peer, print_table, run_artifact  # noqa: E402
+from common import decode_weight_bytes, llamacpp_peer, print_table, run_artifact  # noqa: E402
 
 from ernie_compile.compiler.load import load_preset  # noqa: E402
 from ernie_compile.compiler.options import CompileOptions  # noqa: E402
 from ernie_compile.compiler.pipeline import compile_model  # noqa: E402
 
 
-def ours(preset: str, out: Path, prompt, args, bandwidth: float, label: str, **opts) -> dict:
+def ours(preset: str, out: Path, prompt, args, label: str, **opts) -> dict:
     report = compile_model(CompileOptions(output=out, model=preset, max_seq_len=512, **opts), log=lambda *_: None)
-    speed = run_artifact(out, prompt, args.decode, args.reps)
     nbytes = decode_weight_bytes(out) if (out / "weights.safetensors").exists() else None
+    speed = run_artifact(out, prompt, args.decode, args.reps, nbytes)
     row = {"config": label, **{f"{k} s": v for k, v in report["stages"].items() if k not in ("accuracy", "load")},
            "artifact MiB": report["artifact_bytes"] / 2**20, "peak RSS MiB": speed["peak_rss_MiB"],
            "prefill tok/s": speed["prefill_tok_s"], "first token ms": 1000 * len(prompt) / speed["prefill_tok_s"],
            "decode tok/s": speed["decode_tok_s"]}
     if nbytes:
-        row["bound tok/s"] = bandwidth * 1e9 / nbytes
-        row["of bound"] = row["decode tok/s"] / row["bound tok/s"]
+        row.update({"read GB/s": speed["read_GBps"], "bound tok/s": speed["bound_tok_s"],
+                    "of bound": speed["of_bound"]})
     return row
 
 
@@ -61,20 +62,19 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     prompt = [int(x) for x in np.random.default_rng(0).integers(3, 1000, args.prompt)]
-    bandwidth = read_bandwidth_gbs()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
             label = "ours float32" if bits == "none" else f"ours {bits}-bit g32"
-            rows.append(ours(args.preset, Path(tmp) / f"tvm-{bits}", prompt, args, bandwidth, label,
+            rows.append(ours(args.preset, Path(tmp) / f"tvm-{bits}", prompt, args, label,
                              bits=None if bits == "none" else bits))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if args.tuning_db:
-            rows.append(ours(args.preset, Path(tmp) / "tvm-tuned", prompt, args, bandwidth, "ours float32 tuned",
+            rows.append(ours(args.preset, Path(tmp) / "tvm-tuned", prompt, args, "ours float32 tuned",
                              tune=True, tuning_db=args.tuning_db))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if not args.no_inductor:
-            rows.append(ours(args.preset, Path(tmp) / "inductor", prompt, args, bandwidth, "inductor float32",
+            rows.append(ours(args.preset, Path(tmp) / "inductor", prompt, args, "inductor float32",
                              backend="inductor"))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         model = load_preset(args.preset).model
@@ -83,17 +83,19 @@ def main() -> None:
                      "first token ms": 1000 * len(prompt) / pre, "decode tok/s": dec})
         p = llamacpp_peer(model, Path(tmp) / "hf", args.prompt, args.decode) if args.llamacpp else None
         if p:
-            bound = bandwidth * 1e9 / p["size_bytes"]
+            bound = p["read_GBps"] * 1e9 / p["size_bytes"]
             rows.append({"config": "llama.cpp Q4_0", "artifact MiB": p["size_bytes"] / 2**20,
                          "prefill tok/s": p["prefill_tok_s_median"],
                          "first token ms": 1000 * args.prompt / p["prefill_tok_s_median"],
-                         "decode tok/s": p["decode_tok_s_median"], "bound tok/s": bound,
+                         "decode tok/s": p["decode_tok_s_median"], "read GB/s": p["read_GBps"],
+                         "bound tok/s": bound,
                          "of bound": p["decode_tok_s_median"] / bound})
-    print(f"\n{args.preset} on the CPU (2 threads), read bandwidth {bandwidth:.1f} GB/s; prompt {args.prompt}, "
-          f"decode {args.decode}, medians of {args.reps}\n")
+    print(f"\n{args.preset} on the CPU (2 threads); prompt {args.prompt}, decode {args.decode}, medians of "
+          f"{args.reps}; read GB/s measured right before and after each decode, which 'of bound' is set "
+          f"against (bench/membw.py)\n")
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "bandwidth_gbs": bandwidth, "rows": rows},
+        args.json.write_text(json.dumps({"preset": args.preset, "rows": rows},
                                         indent=2) + "\n")
 
 

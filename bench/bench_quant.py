@@ -12,51 +12,17 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from ernie_compile.compiler.load import load_preset  # noqa: E402
 from ernie_compile.compiler.options import CompileOptions  # noqa: E402
 from ernie_compile.compiler.pipeline import compile_model  # noqa: E402
-from common import llamacpp_peer, print_table, run_artifact  # noqa: E402  (bench/common.py)
+from common import decode_weight_bytes, llamacpp_peer, print_table, run_artifact  # noqa: E402
 
-
-
-def read_bandwidth_gbs() -> float:
-    """Read bandwidth with torch's 2-thread reduction over 1 GiB (median of 5)."""
-    x = torch.ones(2**28, dtype=torch.float32)
-    times = []
-    for _ in range(6):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / float(np.median(times[1:])) / 1e9
-
-
-def decode_weight_bytes(folder: Path) -> int:
-    """Bytes of weights a decode step reads: the whole weight file (the embedding rows it skips are
-    offset by the tied lm_head reading that table in full), less the offsets of symmetric vnni16
-    weights, which the int8 kernels derive from the scale instead of reading (targets/cpu_vnni.py)."""
-    from safetensors import safe_open
-
-    manifest = json.loads((folder / "manifest.json").read_text())
-    if not manifest["weights"].get("quantized"):  # float weights (either backend): all of them are read
-        return (folder / "weights.safetensors").stat().st_size
-    symmetric_vnni = {name.replace(".", "_") for name, q in manifest["weights"]["quantized"].items()
-                      if q["layout"] == "vnni16" and q["symmetric"]}
-    unread = [part for part in manifest["weights"]["order"]  # part names: the weight's, "." → "_"
-              if part.endswith("_qmin") and part[:-len("_qmin")] in symmetric_vnni]
-    size = (folder / "weights.safetensors").stat().st_size
-    with safe_open(str(folder / "weights.safetensors"), "np") as f:
-        for name in unread:
-            part = f.get_slice(name)
-            size -= int(np.prod(part.get_shape())) * (2 if part.get_dtype() == "F16" else 4)
-    return size
 
 
 def main() -> None:
@@ -71,7 +37,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     prompt = [int(x) for x in np.random.default_rng(0).integers(3, 1000, args.prompt)]
-    bandwidth = read_bandwidth_gbs()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in args.configs:
@@ -80,13 +45,11 @@ def main() -> None:
             report = compile_model(CompileOptions(output=out, model=args.preset, max_seq_len=512, bits=bits,
                                                   group_size=int(group), act_bits=act), log=lambda *_: None)
             manifest = json.loads((out / "manifest.json").read_text())
-            speed = run_artifact(out, prompt, args.decode, args.reps)
             nbytes = decode_weight_bytes(out)
-            bound = bandwidth * 1e9 / nbytes
+            speed = run_artifact(out, prompt, args.decode, args.reps, nbytes)
             acc = manifest.get("accuracy") or {}
             rows.append({"config": cfg, "act_bits": manifest["options"]["act_bits"], "weights_MiB": nbytes / 2**20,
                          **speed,
-                         "bound_tok_s": bound, "of_bound": speed["decode_tok_s"] / bound,
                          "compile_s": sum(report["stages"].values()),
                          "kl_mean": acc.get("kl_mean"), "top1": acc.get("top1_agreement")})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -95,13 +58,13 @@ def main() -> None:
         if p:
             rows.append({"config": "llama.cpp Q4_0", "weights_MiB": p["size_bytes"] / 2**20,
                          "prefill_tok_s": p["prefill_tok_s_median"], "decode_tok_s": p["decode_tok_s_median"],
-                         "bound_tok_s": bandwidth * 1e9 / p["size_bytes"]})
+                         "read_GBps": p["read_GBps"], "bound_tok_s": p["read_GBps"] * 1e9 / p["size_bytes"]})
             rows[-1]["of_bound"] = rows[-1]["decode_tok_s"] / rows[-1]["bound_tok_s"]
-    print(f"\n{args.preset}, 2 threads, read bandwidth {bandwidth:.1f} GB/s (torch sum over 1 GiB); "
-          f"prompt {args.prompt}, decode {args.decode}, medians of {args.reps}\n")
+    print(f"\n{args.preset}, 2 threads; prompt {args.prompt}, decode {args.decode}, medians of {args.reps}; "
+          f"read_GBps: measured before and after each decode (bench/membw.py)\n")
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,32 +7,49 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from membw import ProbeProcess  # noqa: E402
 
 
 RUN = """
 import json, statistics, sys
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {bench!r}]
 from ernie_compile.runtime import Session
+from membw import ProbeProcess
 s = Session({folder!r})
+probe = ProbeProcess()
 prompt = {prompt!r}
-pre, dec = [], []
-for _ in range({reps} + 1):
+pre, dec, bw, bound = [], [], [], []
+for rep in range({reps} + 1):
+    before = probe.probe()
     r = s.generate(prompt, {decode} + 1, stop_at_eos=False)
-    pre.append(r.prefill_tok_s); dec.append(r.decode_tok_s)
+    after = probe.probe()
+    if rep:  # the first is a warm-up
+        pre.append(r.prefill_tok_s); dec.append(r.decode_tok_s); bw += [before, after]
+        bound.append((before + after) / 2 * 1e9 / {weight_bytes} if {weight_bytes} else None)
+probe.close()
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked (large) parent
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({{"prefill_tok_s": statistics.median(pre[1:]), "decode_tok_s": statistics.median(dec[1:]),
-                  "peak_rss_MiB": int(hwm) / 1024}}))
+out = {{"prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
+       "peak_rss_MiB": int(hwm) / 1024, "read_GBps": statistics.median(bw)}}
+if {weight_bytes}:  # each decode against the bandwidth read right before and after it
+    out["bound_tok_s"] = statistics.median(bound)
+    out["of_bound"] = statistics.median(d / b for d, b in zip(dec, bound))
+print(json.dumps(out))
 """
 
 
-def run_artifact(folder: Path, prompt: list[int], decode: int, reps: int) -> dict:
+def run_artifact(folder: Path, prompt: list[int], decode: int, reps: int, weight_bytes: int | None = None) -> dict:
     """Speeds (medians of `reps` after a warm-up) and peak RSS of a fresh runtime process, which is
-    what a user's process would hold."""
-    proc = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), folder=str(folder), prompt=prompt,
-                                                            reps=reps, decode=decode)],
-                          capture_output=True, text=True)
+    what a user's process would hold. With `weight_bytes` (read per decode step): the decode's
+    bandwidth bound and the share of it reached, each decode set against the read bandwidth measured
+    right before and after it (bench/membw.py), medians over the reps."""
+    code = RUN.format(root=str(ROOT), bench=str(ROOT / "bench"), folder=str(folder), prompt=prompt, reps=reps,
+                      decode=decode, weight_bytes=weight_bytes or 0)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -40,17 +57,47 @@ def run_artifact(folder: Path, prompt: list[int], decode: int, reps: int) -> dic
 
 def llamacpp_peer(model, folder: Path, prompt: int, decode: int) -> dict | None:
     """llama.cpp Q4_0 on `model`'s weights (../shared/tools/llamacpp_peer.sh, 2 threads): its JSON
-    line (size_bytes, prefill/decode tok/s medians), or None after printing why it failed."""
+    line (size_bytes, prefill/decode tok/s medians) and the read bandwidth around its timed runs
+    (read_GBps), or None after printing why it failed."""
     from ernie_compile.compiler.load import ASSETS
 
     model.save_pretrained(folder)
     shutil.copyfile(ASSETS / "tokenizer.model", folder / "tokenizer.model")
-    peer = subprocess.run(["bash", str(ROOT.parent / "shared" / "tools" / "llamacpp_peer.sh"), str(folder), "Q4_0",
-                           "2", str(prompt), str(decode)], capture_output=True, text=True)
+    script = ROOT.parent / "shared" / "tools" / "llamacpp_peer.sh"
+    subprocess.run(["bash", str(script), str(folder), "Q4_0", "1", "1", "1"], capture_output=True)  # build, convert
+    probe = ProbeProcess()
+    before = probe.probe()
+    peer = subprocess.run(["bash", str(script), str(folder), "Q4_0", "2", str(prompt), str(decode)],
+                          capture_output=True, text=True)
+    after = probe.probe()
+    probe.close()
     if peer.returncode:
         print(f"llama.cpp peer failed: {peer.stderr[-500:]}", file=sys.stderr)
         return None
-    return json.loads(peer.stdout.strip().splitlines()[-1])
+    out = json.loads(peer.stdout.strip().splitlines()[-1])
+    out["read_GBps"] = (before + after) / 2  # its 5 timed runs lie between the two probes
+    return out
+
+
+def decode_weight_bytes(folder: Path) -> int:
+    """Bytes of weights a decode step reads: the whole weight file (the embedding rows it skips are
+    offset by the tied lm_head reading that table in full), less the offsets of symmetric vnni16
+    weights, which the int8 kernels derive from the scale instead of reading (targets/cpu_vnni.py)."""
+    from safetensors import safe_open
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if not manifest["weights"].get("quantized"):  # float weights (either backend): all of them are read
+        return (folder / "weights.safetensors").stat().st_size
+    symmetric_vnni = {name.replace(".", "_") for name, q in manifest["weights"]["quantized"].items()
+                      if q["layout"] == "vnni16" and q["symmetric"]}
+    unread = [part for part in manifest["weights"]["order"]  # part names: the weight's, "." → "_"
+              if part.endswith("_qmin") and part[:-len("_qmin")] in symmetric_vnni]
+    size = (folder / "weights.safetensors").stat().st_size
+    with safe_open(str(folder / "weights.safetensors"), "np") as f:
+        for name in unread:
+            part = f.get_slice(name)
+            size -= int(np.prod(part.get_shape())) * (2 if part.get_dtype() == "F16" else 4)
+    return size
 
 
 def print_table(rows: list[dict]) -> None:
