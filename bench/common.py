@@ -1,10 +1,13 @@
 """Shared by the bench scripts."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +16,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from membw import ProbeProcess  # noqa: E402
 
+# Thread settings a bench process may carry (bench_e2e sets OMP_WAIT_POLICY=PASSIVE for torch) are
+# not passed on to the measured runtimes: each runs with its own defaults. With PASSIVE inherited,
+# llama.cpp's OpenMP threads slept at every sync and its decode halved (90 -> 41-47 tok/s here).
+THREAD_SETTINGS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "TVM_NUM_THREADS", "GOMP_SPINCOUNT")
+
+
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in THREAD_SETTINGS}
+
 
 RUN = """
 import json, statistics, sys
 sys.path[:0] = [{root!r}, {bench!r}]
 from ernie_compile.runtime import Session
+from ernie_compile.runtime.artifact import read_manifest
+from ernie_compile.runtime.tvm_engine import import_runtime_only_tvm
 from membw import ProbeProcess
+if read_manifest({folder!r}, verify=False)["target"]["device"] == "cpu":
+    import_runtime_only_tvm()  # as ernie-run does
 s = Session({folder!r})
 probe = ProbeProcess()
 prompt = {prompt!r}
@@ -49,7 +65,7 @@ def run_artifact(folder: Path, prompt: list[int], decode: int, reps: int, weight
     right before and after it (bench/membw.py), medians over the reps."""
     code = RUN.format(root=str(ROOT), bench=str(ROOT / "bench"), folder=str(folder), prompt=prompt, reps=reps,
                       decode=decode, weight_bytes=weight_bytes or 0)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env())
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -64,13 +80,19 @@ def llamacpp_peer(model, folder: Path, prompt: int, decode: int) -> dict | None:
     model.save_pretrained(folder)
     shutil.copyfile(ASSETS / "tokenizer.model", folder / "tokenizer.model")
     script = ROOT.parent / "shared" / "tools" / "llamacpp_peer.sh"
-    subprocess.run(["bash", str(script), str(folder), "Q4_0", "1", "1", "1"], capture_output=True)  # build, convert
+    subprocess.run(["bash", str(script), str(folder), "Q4_0", "1", "1", "1"], capture_output=True,
+                   env=clean_env())  # build, convert
     probe = ProbeProcess()
     before = probe.probe()
     peer = subprocess.run(["bash", str(script), str(folder), "Q4_0", "2", str(prompt), str(decode)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=clean_env())
     after = probe.probe()
     probe.close()
+    # the script keys its GGUF files by the folder's path, a temporary one here: ~1 GB each, not reused
+    key = hashlib.sha1(f"{folder.resolve()}\n".encode()).hexdigest()[:12]
+    peer_dir = Path(os.environ.get("LLAMA_PEER", Path(tempfile.gettempdir()) / "llamacpp-peer"))
+    for gguf in peer_dir.glob(f"{key}-*.gguf"):
+        gguf.unlink()
     if peer.returncode:
         print(f"llama.cpp peer failed: {peer.stderr[-500:]}", file=sys.stderr)
         return None

@@ -28,6 +28,9 @@ sys.exit(code)
 """
 
 
+PROMPT_IDS_ARG = ",".join(map(str, PROMPT_IDS))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "art"
@@ -43,6 +46,19 @@ def test_runtime_runs_without_torch(tiny):
     assert json.loads(lines[-1]) == {"loaded": []}
     result = json.loads(lines[-2])
     assert len(result["tokens"]) == 5 and isinstance(result["text"], str)
+
+
+def test_cli_process_holds_no_torch_and_no_compiler_library(tiny):
+    """ernie-run in a process where torch and TVM's compiler are installed (this one) loads neither:
+    what stays resident is the runtime's."""
+    code = ("import sys, json; from ernie_compile.runtime.cli import main; code = main(sys.argv[1:]); "
+            "maps = open('/proc/self/maps').read(); "
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'compiler': 'libtvm_compiler' in maps})); "
+            "sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny), "--prompt-ids", PROMPT_IDS_ARG,
+                           "--max-new-tokens", "3", "--ignore-eos"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"torch": False, "compiler": False}
 
 
 def test_embedded_default_matches_eager(tiny):

@@ -1,4 +1,4 @@
-"""The minimal runtime: TVM's runtime, numpy, safetensors and a tokenizer library; torch only for
+"""The minimal runtime: TVM's runtime, numpy and a tokenizer library; torch and safetensors only for
 artifacts of `--backend inductor` (runtime/inductor_engine.py).
 
     from ernie_compile.runtime import Session

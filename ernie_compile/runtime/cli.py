@@ -1,5 +1,5 @@
-"""ernie-run: generate text from a compiled artifact. Imports no compiler code, and torch only for an
-artifact of `--backend inductor`."""
+"""ernie-run: generate text from a compiled artifact. Imports no compiler code (for CPU artifacts not
+even TVM's compiler library), and torch only for an artifact of `--backend inductor`."""
 from __future__ import annotations
 
 import argparse
@@ -32,8 +32,13 @@ def main(argv=None) -> int:
         args = p.parse_args(argv)
         if args.max_new_tokens < 1:
             raise UserError("--max-new-tokens must be at least 1")
+        from .artifact import read_manifest
         from .session import Sampler, Session
 
+        if read_manifest(args.artifact, verify=False)["target"]["device"] == "cpu":
+            from .tvm_engine import import_runtime_only_tvm
+
+            import_runtime_only_tvm()  # GPU artifacts: not tried without the compiler library
         sampler = Sampler(args.temperature, args.top_p, args.seed)
         session = Session(args.artifact)
         prompt = args.prompt_ids if args.prompt is None else session.tokenizer.encode(args.prompt)
