@@ -33,7 +33,8 @@ from ernie_compile.runtime import Session
 from ernie_compile.runtime.artifact import read_manifest
 from ernie_compile.runtime.tvm_engine import import_runtime_only_tvm
 from membw import ProbeProcess
-if read_manifest({folder!r}, verify=False)["target"]["device"] == "cpu":
+manifest = read_manifest({folder!r}, verify=False)
+if manifest.get("backend", "tvm") == "tvm" and manifest["target"]["device"] == "cpu":
     import_runtime_only_tvm()  # as ernie-run does
 s = Session({folder!r})
 probe = ProbeProcess()

@@ -35,7 +35,8 @@ def main(argv=None) -> int:
         from .artifact import read_manifest
         from .session import Sampler, Session
 
-        if read_manifest(args.artifact, verify=False)["target"]["device"] == "cpu":
+        manifest = read_manifest(args.artifact, verify=False)
+        if manifest.get("backend", "tvm") == "tvm" and manifest["target"]["device"] == "cpu":
             from .tvm_engine import import_runtime_only_tvm
 
             import_runtime_only_tvm()  # GPU artifacts: not tried without the compiler library

@@ -14,7 +14,7 @@ import math
 
 from tvm.script import tirx as T
 
-from ..errors import InternalError
+from .cpu_kernels import vector_width
 
 BLOCK = 16  # keys per softmax block in prefill; decode's block is the cache's page
 LOG2E = math.log2(math.e)
@@ -57,12 +57,6 @@ def _softmax_block(block: int):
         state[0] = state[2]
 
     return softmax_block
-
-
-def _lanes(head_dim: int) -> int:
-    if head_dim % 16:
-        raise InternalError(f"CPU attention kernels need head_dim a multiple of 16, got {head_dim}")
-    return 16
 
 
 def fused_rope(num_q_heads: int, num_kv_heads: int, head_dim: int, theta: float, dtype: str = "float32"):
@@ -124,7 +118,7 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
     TVM's calling convention (the cache's C++ side calls it), one parallel task per query head, 16
     lanes over head_dim, a softmax block per page. RoPE is already in the cache (our
     RopeMode.NORMAL), so rotary_mode is ignored; no sliding window."""
-    group, d, vw = num_qo_heads // num_kv_heads, head_dim, _lanes(head_dim)
+    group, d, vw = num_qo_heads // num_kv_heads, head_dim, vector_width(head_dim)
     softmax_block = _softmax_block(page_size)
 
     @T.prim_func(private=True)
@@ -203,7 +197,7 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     over head_dim, masked keys skipped instead of scored, softmax blocks of BLOCK keys. Writes lse
     (base 2) as TVM's does, for the cache to merge with attention over earlier pages. RoPE is
     already applied."""
-    group, d, vw = num_qo_heads // num_kv_heads, head_dim, _lanes(head_dim)
+    group, d, vw = num_qo_heads // num_kv_heads, head_dim, vector_width(head_dim)
     softmax_block = _softmax_block(BLOCK)
 
     @T.prim_func(private=True)

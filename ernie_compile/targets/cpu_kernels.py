@@ -16,8 +16,6 @@ from __future__ import annotations
 import numpy as np
 from tvm.script import tirx as T
 
-from .cpu_attention import kv_cache_overrides  # noqa: F401  (the KV cache's slots, for lower.py)
-
 SPECIALIZE_STATIC_M = False  # one linear_q kernel serves every M (decode and prefill alike)
 QUANT_LAYOUTS = ("vnni16", "lanes16", "row")  # packed-weight layouts the kernels read, preferred first
 
@@ -307,6 +305,14 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32",
                                 y[i, j] = y[i, j] + acc[v]
 
     return moe_group_gemm_q
+
+
+def kv_cache_overrides(*args) -> dict:
+    """The kernels of TVM's paged KV cache to replace (targets/cpu_attention.py, which builds on this
+    file's helpers)."""
+    from .cpu_attention import kv_cache_overrides as overrides
+
+    return overrides(*args)
 
 
 def _linear_inputs(key: dict, m: int, rng):
