@@ -162,8 +162,8 @@ def test_dense_artifact_matches_fake_quant_eager(bits, checkpoints, tmp_path):
     report = compile_model(CompileOptions(output=tmp_path / "q", model=str(checkpoints[name]), max_seq_len=64,
                                           bits=str(bits), symmetric=bits != 3, act_bits="none"), log=lambda *_: None)
     layers = DENSE_CONFIGS[name]["num_hidden_layers"]
-    # every linear (qkv, o, gate, up, down per layer), the tied lm_head and the embedding lookup
-    assert report["passes"]["quantize_weights"]["matched"] == 5 * layers + 2
+    # every linear (qkv, o, gate|up, down per layer), the tied lm_head and the embedding lookup
+    assert report["passes"]["quantize_weights"]["matched"] == 4 * layers + 2
     _check_artifact(tmp_path / "q", fake_quant(eager_model(checkpoints[name]), policy))
 
 

@@ -70,7 +70,7 @@ def select_passes(config, fuse_attention: bool = True) -> list:
     expected_sites(config), install(model) (capture side: route transformers' modules through our
     op) and converter(report, ctx) (lower side: our op → Relax). Attention takes exactly one of two
     routes: fused (default), or the plain route kept as the unfused baseline for benchmarks."""
-    from . import fuse_gqa_attention, fuse_moe_routing, route_attention_to_kv_cache
+    from . import fuse_gated_mlp, fuse_gqa_attention, fuse_moe_routing, route_attention_to_kv_cache
 
     attention = fuse_gqa_attention if fuse_attention else route_attention_to_kv_cache
-    return [p for p in (attention, fuse_moe_routing) if p.expected_sites(config)]
+    return [p for p in (attention, fuse_moe_routing, fuse_gated_mlp) if p.expected_sites(config)]

@@ -10,33 +10,11 @@ tokens.
 """
 from __future__ import annotations
 
-import math
-
 from tvm.script import tirx as T
 
-from .cpu_kernels import vector_width
+from .cpu_kernels import LOG2E, exp2, vector_width
 
 BLOCK = 16  # keys per softmax block in prefill; decode's block is the cache's page
-LOG2E = math.log2(math.e)
-# 2**f on |f| <= 1/2: 1 + f·P(f), P's coefficients highest power first (Cephes' exp2f)
-EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
-             2.402264791363012e-1, 6.931472028550421e-1)
-
-
-def exp2(x):
-    """2**x in float32 without libm, which LLVM would call lane by lane: 2**n from the exponent bits
-    (n = x rounded) times the polynomial for 2**(x - n). Relative error ~2e-7; 0 below -126 (the
-    scores' padding is -5e4)."""
-    xc = T.max(x, T.float32(-126))
-    n = T.floor(xc + T.float32(0.5))
-    f = xc - n
-    p = T.float32(EXP2_POLY[0])
-    for c in EXP2_POLY[1:]:
-        p = p * f + T.float32(c)
-    two_n = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
-    return T.if_then_else(x < T.float32(-126), T.float32(0), (p * f + T.float32(1)) * two_n)
-
-
 def _softmax_block(block: int):
     """A TIR macro for one block of an online softmax. s[0:block] holds the block's scores in log2
     units (-5e4 where there is no key); state = [running max, denominator, new max, rescale]. It

@@ -13,11 +13,33 @@ registers. The `disable_lower_builtin` annotation that would also do it is dropp
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from tvm.script import tirx as T
 
 SPECIALIZE_STATIC_M = False  # one linear_q kernel serves every M (decode and prefill alike)
 QUANT_LAYOUTS = ("vnni16", "lanes16", "row")  # packed-weight layouts the kernels read, preferred first
+
+
+LOG2E = math.log2(math.e)
+# 2**f on |f| <= 1/2: 1 + f·P(f), P's coefficients highest power first (Cephes' exp2f)
+EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+             2.402264791363012e-1, 6.931472028550421e-1)
+
+
+def exp2(x):
+    """2**x in float32 without libm, which LLVM would call lane by lane: 2**n from the exponent bits
+    (n = x rounded) times the polynomial for 2**(x - n). Relative error ~2e-7; 0 below -126 (the
+    attention scores' padding is -5e4), 2**127 above 127."""
+    xc = T.min(T.max(x, T.float32(-126)), T.float32(127))
+    n = T.floor(xc + T.float32(0.5))
+    f = xc - n
+    p = T.float32(EXP2_POLY[0])
+    for c in EXP2_POLY[1:]:
+        p = p * f + T.float32(c)
+    two_n = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+    return T.if_then_else(x < T.float32(-126), T.float32(0), (p * f + T.float32(1)) * two_n)
 
 
 def vector_width(k: int) -> int:
@@ -305,6 +327,37 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32",
                                 y[i, j] = y[i, j] + acc[v]
 
     return moe_group_gemm_q
+
+
+def silu_mul(inter: int, dtype: str = "float32"):
+    """out[M, I] = silu(h[:, :I]) · h[:, I:], h the gate|up projection (passes/fuse_gated_mlp.py):
+    one vectorised kernel with our exp2 where the generic graph had two slices, a sigmoid (libm's
+    expf per element) and two products; rows in parallel in prefill."""
+    vw = vector_width(inter)
+
+    @T.macro
+    def row(h, out, i):
+        for c in range(inter // vw):
+            for v in T.vectorized(vw):
+                out[i, c * vw + v] = T.cast(
+                    T.cast(h[i, c * vw + v], "float32")
+                    / (T.float32(1) + exp2(T.cast(h[i, c * vw + v], "float32") * T.float32(-LOG2E)))
+                    * T.cast(h[i, inter + c * vw + v], "float32"), dtype)
+
+    @T.prim_func(private=True, s_tir=True)
+    def cpu_silu_mul(var_h: T.handle, var_out: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        h = T.match_buffer(var_h, (m, 2 * inter), dtype)
+        out = T.match_buffer(var_out, (m, inter), dtype)
+        with T.sblock("root"):  # Relax's reshape detection (RewriteDataflowReshape) reads a root block
+            if m == 1:
+                row(h, out, 0)
+            else:
+                for i in T.parallel(m):
+                    row(h, out, i)
+
+    return cpu_silu_mul
 
 
 def kv_cache_overrides(*args) -> dict:

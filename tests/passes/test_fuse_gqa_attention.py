@@ -69,7 +69,7 @@ def test_one_qkv_weight_per_layer(both):
     manifest = json.loads((folder / "manifest.json").read_text())
     layers = DENSE_CONFIGS["gqa-tied-hd48"]["num_hidden_layers"]
     assert report["passes"][pass_.NAME] == {"matched": layers, "expected": layers}
-    fused = manifest["weights"]["fused"]
+    fused = {n: parts for n, parts in manifest["weights"]["fused"].items() if n.endswith(".qkv_proj.weight")}
     assert len(fused) == layers
     assert not any(n.endswith((".q_proj.weight", ".k_proj.weight", ".v_proj.weight")) for n in manifest["weights"]["order"])
     # the fused weight is exactly the transformers weights stacked (checked against the unfused artifact)
