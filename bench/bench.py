@@ -9,8 +9,8 @@ Rows: ours (TVM backend) per --bits, the inductor backend (AOTInductor, float32)
 (float32, sdpa, its own KV cache), llama.cpp Q4_0 when asked. Columns: compile time per stage,
 artifact size, runtime peak RSS (VmHWM of a fresh process), prefill tok/s over --prompt tokens (128),
 first-token latency (= that prefill), decode tok/s over --decode steps (64), medians of --reps after a
-warm-up; and the memory-bandwidth bound of decode (weight bytes per token / read bandwidth) with the
-share of it reached. The read bandwidth of this machine swings 30-70 GB/s within seconds, so it is
+warm-up; and the memory-bandwidth bound of decode (bytes read per token: weights, and the KV cache at
+the mean context of the timed steps; / read bandwidth) with the share of it reached. The read bandwidth of this machine swings 30-70 GB/s within seconds, so it is
 measured right before and right after every timed decode (bench/membw.py) and each decode is set
 against the mean of its two probes.
 """
@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench_e2e import eager_speed  # noqa: E402
-from common import decode_weight_bytes, llamacpp_peer, print_table, run_artifact  # noqa: E402
+from common import decode_bytes, kv_bytes_per_token, llamacpp_peer, print_table, run_artifact  # noqa: E402
 
 from ernie_compile.compiler.load import load_preset  # noqa: E402
 from ernie_compile.compiler.options import CompileOptions  # noqa: E402
@@ -36,7 +36,8 @@ from ernie_compile.compiler.pipeline import compile_model  # noqa: E402
 
 def ours(preset: str, out: Path, prompt, args, label: str, **opts) -> dict:
     report = compile_model(CompileOptions(output=out, model=preset, max_seq_len=512, **opts), log=lambda *_: None)
-    nbytes = decode_weight_bytes(out) if (out / "weights.safetensors").exists() else None
+    context = len(prompt) + args.decode / 2  # the mean over the timed decode steps
+    nbytes = decode_bytes(out, context) if (out / "weights.safetensors").exists() else None
     speed = run_artifact(out, prompt, args.decode, args.reps, nbytes)
     row = {"config": label, **{f"{k} s": v for k, v in report["stages"].items() if k not in ("accuracy", "load")},
            "artifact MiB": report["artifact_bytes"] / 2**20, "peak RSS MiB": speed["peak_rss_MiB"],
@@ -83,7 +84,8 @@ def main() -> None:
                      "first token ms": 1000 * len(prompt) / pre, "decode tok/s": dec})
         p = llamacpp_peer(model, Path(tmp) / "hf", args.prompt, args.decode) if args.llamacpp else None
         if p:
-            bound = p["read_GBps"] * 1e9 / p["size_bytes"]
+            kv = kv_bytes_per_token(model.config.to_dict(), 2) * (args.prompt + args.decode / 2)  # f16 cache
+            bound = p["read_GBps"] * 1e9 / (p["size_bytes"] + kv)
             rows.append({"config": "llama.cpp Q4_0", "artifact MiB": p["size_bytes"] / 2**20,
                          "prefill tok/s": p["prefill_tok_s_median"],
                          "first token ms": 1000 * args.prompt / p["prefill_tok_s_median"],

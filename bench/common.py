@@ -123,6 +123,22 @@ def decode_weight_bytes(folder: Path) -> int:
     return size
 
 
+
+def kv_bytes_per_token(config: dict, elem_bytes: int) -> int:
+    """KV-cache bytes a decode step reads per token of context: layers × (k, v) × KV heads × head_dim
+    × element size (ours: the artifact's dtype; llama.cpp: f16, its default)."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * elem_bytes
+
+
+def decode_bytes(folder: Path, context: float) -> int:
+    """Bytes a decode step of the artifact in `folder` reads at `context` tokens of context: its
+    weights (decode_weight_bytes) and its KV cache."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    elem = np.dtype(manifest["dtype"]).itemsize
+    return decode_weight_bytes(folder) + int(kv_bytes_per_token(manifest["model"]["config"], elem) * context)
+
+
 def print_table(rows: list[dict]) -> None:
     """Rows of dicts as one markdown table: every key a column, floats to 3 significant digits."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
