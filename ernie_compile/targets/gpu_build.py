@@ -32,6 +32,28 @@ def _is_bound(func: tirx.PrimFunc) -> bool:
     return "blockIdx." in text or "threadIdx." in text
 
 
+@relax.expr_functor.mutator
+class _SquareAsProduct(relax.PyExprMutator):
+    """power(x, 2) → x · x. TVM's CUDA code generator emits the fast `__powf` (exp2(y·log2 x)), and
+    WGSL's and Metal's pow are undefined for x < 0: RMSNorm's x² was NaN for every negative x (all
+    CUDA artifacts gave NaN logits on an H200). x · x is what an exact pow(x, 2) returns."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.power" and \
+                isinstance(call.args[1], tvm.ir.expr.Constant) and call.args[1].value.numpy().size == 1 and \
+                float(call.args[1].value.numpy()) == 2.0:
+            return relax.op.multiply(call.args[0], call.args[0])
+        return call
+
+
+def square_as_product(mod: tvm.IRModule) -> tvm.IRModule:
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = _SquareAsProduct(mod).visit_expr(func)
+    return mod
+
+
 def schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, KernelReport]:
     """Relax module → every PrimFunc legalized, fused and scheduled by dlight's GPU rules (GEMV for
     decode, Matmul for prefill, reductions, a fallback for the rest), plus the kernel report.
@@ -49,7 +71,7 @@ def schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule
               dl.ApplyDefaultSchedule(*rules),
               relax.transform.DeadCodeElimination()]
     with target:
-        mod = tvm.transform.Sequential(passes)(mod)
+        mod = tvm.transform.Sequential(passes)(square_as_product(mod))
     report = KernelReport()
     for gv, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc):
