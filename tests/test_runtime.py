@@ -131,3 +131,4 @@ def test_ids_beyond_the_tokenizer_decode_to_a_mark(tiny):
     tok = Tokenizer(tiny, {"files": ["tokenizer.model"]})
     assert tok.decode([tok.size + 5]) == UNKNOWN
     assert tok.decode(tok.encode("Return") + [tok.size]) == "Return" + UNKNOWN
+

@@ -3,6 +3,7 @@ the library's own `create_kv` function; this file drives the cache's sequence bo
 sequence, begin/end forward) around each call."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -59,15 +60,18 @@ def read_tensors(path: Path, names: list[str]):
             yield np.fromfile(f, dtype, (end - begin) // dtype.itemsize).reshape(meta["shape"])
 
 
-def _serve_prebuilt_cuda(fatbin: Path, source_sha256: str) -> None:
+@contextlib.contextmanager
+def _serve_prebuilt_cuda(fatbin: Path, source_sha256: str):
     """TVM's CUDA runtime compiles a library's kernel source when it loads it, through the hook
-    `tvm_callback_cuda_compile`. Answer it with the fatbin built at compile time (targets/cuda.py)
-    instead, so no CUDA compiler is needed here; a source that is not the one the fatbin was built
-    from is refused rather than compiled."""
+    `tvm_callback_cuda_compile`. While the library loads, answer it with the fatbin built at compile
+    time (targets/cuda.py) instead, so no CUDA compiler is needed here; a source that is not the one
+    the fatbin was built from is refused rather than compiled. The hook the process had before is
+    restored afterwards: TVM's own builds in the same process call it too."""
     import hashlib
 
     import tvm_ffi
 
+    name = "tvm_callback_cuda_compile"
     binary = fatbin.read_bytes()
 
     def hook(code, *_):
@@ -75,7 +79,15 @@ def _serve_prebuilt_cuda(fatbin: Path, source_sha256: str) -> None:
             raise UserError(f"{fatbin.parent}: the library's CUDA source does not match {fatbin.name}")
         return bytearray(binary)
 
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", hook, override=True)
+    before = tvm_ffi.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, hook, override=True)
+    try:
+        yield
+    finally:
+        if before is not None:
+            tvm_ffi.register_global_func(name, before, override=True)
+        else:
+            tvm_ffi.registry.remove_global_func(name)
 
 
 def physical_cores() -> int | None:
@@ -119,9 +131,10 @@ class TvmEngine:
         if device != "cpu" and not self.device.exist:
             raise UserError(f"{folder}: built for {m['target']['spec']}; this machine has no {device} device")
         pin_thread_count(tvm)
-        if m.get("kernels", {}).get("fatbin"):
-            _serve_prebuilt_cuda(folder / m["kernels"]["fatbin"], m["kernels"]["source_sha256"])
-        self._vm = VirtualMachine(tvm.runtime.load_module(str(folder / m["library"])), self.device)
+        kernels = m.get("kernels", {})
+        with (_serve_prebuilt_cuda(folder / kernels["fatbin"], kernels["source_sha256"]) if kernels.get("fatbin")
+              else contextlib.nullcontext()):
+            self._vm = VirtualMachine(tvm.runtime.load_module(str(folder / m["library"])), self.device)
         # one tensor at a time: the host copy of each is dropped once the device copy exists
         self._weights = [tvm.runtime.tensor(a, self.device)
                          for a in read_tensors(folder / m["weights"]["file"], m["weights"]["order"])]

@@ -72,17 +72,29 @@ def test_moe_q4_uses_our_gpu_kernels(moe_q4):
 
 
 def test_runtime_serves_the_prebuilt_fatbin_and_refuses_other_source(dense_fp16):
+    """Only while the library loads: afterwards the process's own hook answers again (on an H200,
+    the second artifact compiled in one process was refused as 'source does not match')."""
     import tvm_ffi
 
     from ernie_compile.runtime.tvm_engine import _serve_prebuilt_cuda
 
+    name = "tvm_callback_cuda_compile"
     m = _manifest(dense_fp16)
     source = (dense_fp16 / m["kernels"]["source"]).read_text()
-    _serve_prebuilt_cuda(dense_fp16 / m["kernels"]["fatbin"], m["kernels"]["source_sha256"])
-    hook = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
-    assert bytes(hook(source)) == (dense_fp16 / m["kernels"]["fatbin"]).read_bytes()
-    with pytest.raises(Exception, match="does not match"):
-        hook(source + "\n// edited")
+    before = tvm_ffi.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, lambda code, *_: bytearray(b"theirs"), override=True)
+    try:
+        with _serve_prebuilt_cuda(dense_fp16 / m["kernels"]["fatbin"], m["kernels"]["source_sha256"]):
+            hook = tvm_ffi.get_global_func(name)
+            assert bytes(hook(source)) == (dense_fp16 / m["kernels"]["fatbin"]).read_bytes()
+            with pytest.raises(Exception, match="does not match"):
+                hook(source + "\n// edited")
+        assert bytes(tvm_ffi.get_global_func(name)(source + "\n// edited")) == b"theirs"
+    finally:
+        if before is not None:
+            tvm_ffi.register_global_func(name, before, override=True)
+        else:
+            tvm_ffi.registry.remove_global_func(name)
 
 
 def test_run_without_a_gpu_is_a_clear_error(dense_fp16):
