@@ -34,9 +34,10 @@ def _is_bound(func: tirx.PrimFunc) -> bool:
 
 @relax.expr_functor.mutator
 class _SquareAsProduct(relax.PyExprMutator):
-    """power(x, 2) → x · x. TVM's CUDA code generator emits the fast `__powf` (exp2(y·log2 x)), and
-    WGSL's and Metal's pow are undefined for x < 0: RMSNorm's x² was NaN for every negative x (all
-    CUDA artifacts gave NaN logits on an H200). x · x is what an exact pow(x, 2) returns."""
+    """power(x, 2) → x · x. On an H200 the kernel TVM generates for RMSNorm's x² (`powf(x, 2.0f)`)
+    returned NaN for finite input, so every CUDA artifact gave NaN logits (why it failed there is not
+    established); WGSL's and Metal's pow are undefined for x < 0 in any case. x · x is exactly what
+    a correct pow(x, 2) returns."""
 
     def visit_call_(self, call):
         call = super().visit_call_(call)

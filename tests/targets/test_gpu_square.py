@@ -1,5 +1,5 @@
-"""GPU targets compute x² as x · x: TVM's CUDA pow is the fast __powf, and WGSL's and Metal's pow are
-undefined below 0 (RMSNorm's x² was NaN for negative x on an H200)."""
+"""GPU targets compute x² as x · x: on an H200 the CUDA kernel for RMSNorm's power(x, 2) returned NaN
+for finite input, and WGSL's and Metal's pow are undefined below 0."""
 import tvm
 from tvm.script import relax as R
 
