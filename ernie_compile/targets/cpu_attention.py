@@ -15,14 +15,41 @@ from tvm.script import tirx as T
 from .cpu_kernels import LOG2E, exp2, vector_width
 
 BLOCK = 16  # keys per softmax block in prefill; decode's block is the cache's page
-def _softmax_block(block: int):
-    """A TIR macro for one block of an online softmax. s[0:block] holds the block's scores in log2
-    units (-5e4 where there is no key); state = [running max, denominator, new max, rescale]. It
-    turns s into the keys' weights and updates state: the caller then multiplies its output by
-    state[3] and adds the weighted values."""
+
+
+def _attention_macros(block: int, d: int, dtype: str, key, value):
+    """TIR macros shared by both attention kernels, for one query row of one head: `start`, then
+    `attend_block` per block of up to `block` keys, then `end`. Only where the keys live differs:
+    key(buf, base, head, j, c) and value(...) read element c of key / value j of the block at `base`.
+
+    o[d] is the running output, acc[lanes] a dot product's lanes, s[block] the block's scores in
+    log2 units (-5e4 where there is no key), then its weights; state = [running max, denominator,
+    block max, rescale]."""
+    vw = vector_width(d)
 
     @T.macro
-    def softmax_block(state, s):
+    def start(o, state):
+        for lane in T.vectorized(d):
+            o[lane] = T.float32(0)
+        state[0] = T.float32(-5e4)
+        state[1] = T.float32(0)
+
+    @T.macro
+    def attend_block(o, acc, s, state, q, q_row, q_head, kbuf, vbuf, base, head, n, sm_scale):
+        for j in T.vectorized(block):
+            s[j] = T.float32(-5e4)
+        for j in range(n):
+            for lane in T.vectorized(vw):
+                acc[lane] = T.float32(0)
+            for c in range(d // vw):
+                for lane in T.vectorized(vw):
+                    acc[lane] = acc[lane] + T.cast(q[q_row, q_head, c * vw + lane], "float32") * T.cast(
+                        key(kbuf, base, head, j, c * vw + lane), "float32")
+            s[j] = T.float32(0)
+            for lane in range(vw):
+                s[j] = s[j] + acc[lane]
+            s[j] = s[j] * sm_scale * T.float32(LOG2E)
+        # online softmax over blocks: new max, the keys' weights, the rescale of what came before
         state[2] = state[0]
         for j in range(block):
             state[2] = T.max(state[2], s[j])
@@ -33,8 +60,20 @@ def _softmax_block(block: int):
         for j in range(block):
             state[1] = state[1] + s[j]
         state[0] = state[2]
+        for lane in T.vectorized(d):
+            o[lane] = o[lane] * state[3]
+        for j in range(n):
+            for lane in T.vectorized(d):
+                o[lane] = o[lane] + s[j] * T.cast(value(vbuf, base, head, j, lane), "float32")
 
-    return softmax_block
+    @T.macro
+    def end(o, state, output, lse, row, head):
+        for lane in T.vectorized(d):
+            output[row, head, lane] = T.cast(
+                o[lane] / T.if_then_else(state[1] > T.float32(0), state[1], T.float32(1)), dtype)
+        lse[row, head] = state[0] + T.log2(T.if_then_else(state[1] > T.float32(0), state[1], T.float32(1)))
+
+    return start, attend_block, end
 
 
 def fused_rope(num_q_heads: int, num_kv_heads: int, head_dim: int, theta: float, dtype: str = "float32"):
@@ -97,7 +136,8 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
     lanes over head_dim, a softmax block per page. RoPE is already in the cache (our
     RopeMode.NORMAL), so rotary_mode is ignored; no sliding window."""
     group, d, vw = num_qo_heads // num_kv_heads, head_dim, vector_width(head_dim)
-    softmax_block = _softmax_block(page_size)
+    start, attend_block, end = _attention_macros(page_size, d, dtype, lambda pages, page, h, j, c: pages[page, 0, h, j, c],
+                                                 lambda pages, page, h, j, c: pages[page, 1, h, j, c])
 
     @T.prim_func(private=True)
     def batch_decode_paged_kv(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
@@ -128,42 +168,15 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
             acc = T.decl_buffer((vw,), "float32")
             s = T.decl_buffer((page_size,), "float32")
             state = T.decl_buffer((4,), "float32")
-            for v in T.vectorized(d):
-                o[v] = T.float32(0)
-            state[0] = T.float32(-5e4)
-            state[1] = T.float32(0)
+            start(o, state)
             for pg in range(page_table_indptr[bh // num_qo_heads + 1] - page_table_indptr[bh // num_qo_heads]):
-                for j in T.vectorized(page_size):
-                    s[j] = T.float32(-5e4)
                 # a page is full but the sequence's last one
-                for j in range(T.if_then_else(pg + 1 == page_table_indptr[bh // num_qo_heads + 1]
-                                              - page_table_indptr[bh // num_qo_heads],
-                                              last_page_len[bh // num_qo_heads], page_size)):
-                    for v in T.vectorized(vw):
-                        acc[v] = T.float32(0)
-                    for c in range(d // vw):
-                        for v in T.vectorized(vw):
-                            acc[v] = acc[v] + T.cast(Q[bh // num_qo_heads, bh % num_qo_heads, c * vw + v], "float32") * T.cast(
-                                pages[page_table_values[page_table_indptr[bh // num_qo_heads] + pg], 0,
-                                      bh % num_qo_heads // group, j, c * vw + v], "float32")
-                    s[j] = T.float32(0)
-                    for v in range(vw):
-                        s[j] = s[j] + acc[v]
-                    s[j] = s[j] * sm_scale * T.float32(LOG2E)
-                softmax_block(state, s)
-                for v in T.vectorized(d):
-                    o[v] = o[v] * state[3]
-                for j in range(T.if_then_else(pg + 1 == page_table_indptr[bh // num_qo_heads + 1]
-                                              - page_table_indptr[bh // num_qo_heads],
-                                              last_page_len[bh // num_qo_heads], page_size)):
-                    for v in T.vectorized(d):
-                        o[v] = o[v] + s[j] * T.cast(pages[page_table_values[page_table_indptr[bh // num_qo_heads] + pg],
-                                                          1, bh % num_qo_heads // group, j, v], "float32")
-            for v in T.vectorized(d):
-                output[bh // num_qo_heads, bh % num_qo_heads, v] = T.cast(
-                    o[v] / T.if_then_else(state[1] > T.float32(0), state[1], T.float32(1)), dtype)
-            lse[bh // num_qo_heads, bh % num_qo_heads] = state[0] + T.log2(
-                T.if_then_else(state[1] > T.float32(0), state[1], T.float32(1)))
+                attend_block(o, acc, s, state, Q, bh // num_qo_heads, bh % num_qo_heads, pages, pages,
+                             page_table_values[page_table_indptr[bh // num_qo_heads] + pg], bh % num_qo_heads // group,
+                             T.if_then_else(pg + 1 == page_table_indptr[bh // num_qo_heads + 1]
+                                            - page_table_indptr[bh // num_qo_heads],
+                                            last_page_len[bh // num_qo_heads], page_size), sm_scale)
+            end(o, state, output, lse, bh // num_qo_heads, bh % num_qo_heads)
 
     return batch_decode_paged_kv
 
@@ -176,7 +189,8 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     (base 2) as TVM's does, for the cache to merge with attention over earlier pages. RoPE is
     already applied."""
     group, d, vw = num_qo_heads // num_kv_heads, head_dim, vector_width(head_dim)
-    softmax_block = _softmax_block(BLOCK)
+    row = lambda buf, base, h, j, c: buf[base + j, h, c]  # noqa: E731  (keys and values alike)
+    start, attend_block, end = _attention_macros(BLOCK, d, dtype, row, row)
 
     @T.prim_func(private=True)
     def batch_prefill_ragged_kv(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
@@ -208,41 +222,15 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
                 s = T.decl_buffer((BLOCK,), "float32")
                 state = T.decl_buffer((4,), "float32")
                 keys = T.decl_buffer((1,), "int32")  # keys the row sees (causal: up to its own position)
-                for vv in T.vectorized(d):
-                    o[vv] = T.float32(0)
-                state[0] = T.float32(-5e4)
-                state[1] = T.float32(0)
+                start(o, state)
                 keys[0] = T.if_then_else(causal > 0, (kv_indptr[b + 1] - kv_indptr[b])
                                          - (q_indptr[b + 1] - q_indptr[b]) + task // num_qo_heads + 1,
                                          kv_indptr[b + 1] - kv_indptr[b])
                 for blk in range((keys[0] + BLOCK - 1) // BLOCK):
-                    for j in T.vectorized(BLOCK):
-                        s[j] = T.float32(-5e4)
-                    for j in range(T.min(BLOCK, keys[0] - blk * BLOCK)):
-                        for vv in T.vectorized(vw):
-                            acc[vv] = T.float32(0)
-                        for c in range(d // vw):
-                            for vv in T.vectorized(vw):
-                                acc[vv] = acc[vv] + T.cast(q[q_indptr[b] + task // num_qo_heads, task % num_qo_heads,
-                                                             c * vw + vv], "float32") * T.cast(
-                                    k[kv_indptr[b] + blk * BLOCK + j, task % num_qo_heads // group, c * vw + vv],
-                                    "float32")
-                        s[j] = T.float32(0)
-                        for vv in range(vw):
-                            s[j] = s[j] + acc[vv]
-                        s[j] = s[j] * sm_scale * T.float32(LOG2E)
-                    softmax_block(state, s)
-                    for vv in T.vectorized(d):
-                        o[vv] = o[vv] * state[3]
-                    for j in range(T.min(BLOCK, keys[0] - blk * BLOCK)):
-                        for vv in T.vectorized(d):
-                            o[vv] = o[vv] + s[j] * T.cast(
-                                v[kv_indptr[b] + blk * BLOCK + j, task % num_qo_heads // group, vv], "float32")
-                for vv in T.vectorized(d):
-                    output[q_indptr[b] + task // num_qo_heads, task % num_qo_heads, vv] = T.cast(
-                        o[vv] / T.if_then_else(state[1] > T.float32(0), state[1], T.float32(1)), dtype)
-                lse[q_indptr[b] + task // num_qo_heads, task % num_qo_heads] = state[0] + T.log2(
-                    T.if_then_else(state[1] > T.float32(0), state[1], T.float32(1)))
+                    attend_block(o, acc, s, state, q, q_indptr[b] + task // num_qo_heads, task % num_qo_heads, k, v,
+                                 kv_indptr[b] + blk * BLOCK, task % num_qo_heads // group,
+                                 T.min(BLOCK, keys[0] - blk * BLOCK), sm_scale)
+                end(o, state, output, lse, q_indptr[b] + task // num_qo_heads, task % num_qo_heads)
 
     return batch_prefill_ragged_kv
 
