@@ -51,18 +51,45 @@ def linear_read(mutator, call) -> LinearRead | None:
     return LinearRead(inner.args[0] if inner is not None else perm.args[0], inner, outer)
 
 
-def replace_weight_inputs(func, params: list, body, replaced, pass_name: str, what: str):
-    """A step function with new weight inputs `params` and rewritten `body`; an InternalError if any
-    of the `replaced` inputs is still read (`what` names them in the message)."""
+def rewrite_weight_inputs(mod, weights: list[dict], functions, pass_name: str, what: str, replace, rewriter):
+    """The driver of a pass that replaces some weight inputs of each step function by new ones.
+
+    replace(var, w) → None (keep input `var`, weight record `w`), or (value, new input vars, their
+    weight records), `value` being what `rewriter(mod, {var: value, …})` — a PyExprMutator that
+    counts the readers it rewrote in `.sites` — gets to rewrite the readers of `var` with. Returns
+    the module, the new weight records (every step function must agree on them) and the sites of
+    the last function. An InternalError if a replaced input is still read (`what` names them)."""
+    import tvm
     from tvm import relax
 
     from ..errors import InternalError
 
-    new = relax.analysis.remove_all_unused(relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs))
-    still = {str(v) for v in relax.analysis.free_vars(new.body)} & {str(v) for v in replaced}
-    if still:
-        raise InternalError(f"{pass_name}: {func.attrs['global_symbol']} still reads {what} {sorted(still)[:3]}")
-    return new
+    mod = tvm.IRModule(dict(mod.functions_items()))
+    new_weights, sites = None, 0
+    for fname in functions:
+        func = mod[fname]
+        n_in = int(func.attrs["num_input"])
+        params, records, replaced = list(func.params[:n_in]), [], {}
+        for var, w in zip(func.params[n_in:], weights):
+            out = replace(var, w)
+            if out is None:
+                params.append(var)
+                records.append(w)
+                continue
+            replaced[var], new_params, new_records = out
+            params.extend(new_params)
+            records.extend(new_records)
+        mutator = rewriter(mod, replaced)
+        new = relax.analysis.remove_all_unused(relax.Function(params, mutator.visit_expr(func.body), func.ret_ty,
+                                                              func.is_pure, func.attrs))
+        still = {str(v) for v in relax.analysis.free_vars(new.body)} & {str(v) for v in replaced}
+        if still:
+            raise InternalError(f"{pass_name}: {func.attrs['global_symbol']} still reads {what} {sorted(still)[:3]}")
+        mod[fname] = new
+        if new_weights is not None and new_weights != records:
+            raise InternalError(f"{pass_name}: step functions disagree on the weight list")
+        new_weights, sites = records, mutator.sites
+    return mod, new_weights, sites
 
 
 def select_passes(config, fuse_attention: bool = True) -> list:

@@ -18,8 +18,7 @@ from tvm import relax, tirx
 
 from ..compiler.kernel_table import KernelTable
 from ..compiler.quantize import QuantPolicy, QuantSpec
-from ..errors import InternalError
-from . import PassReport, linear_read, replace_weight_inputs
+from . import PassReport, linear_read, rewrite_weight_inputs
 
 NAME = "quantize_weights"
 PARTS = ("qweight", "qscale", "qmin")
@@ -129,31 +128,18 @@ def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy, target_kern
     report = PassReport(NAME)
     kernels = KernelTable()
 
-    mod = tvm.IRModule(dict(mod.functions_items()))
-    new_weights = None
-    for fname in functions:
-        func = mod[fname]
-        n_in = int(func.attrs["num_input"])
-        quantized, params, step_weights = {}, list(func.params[:n_in]), []
-        for var, w in zip(func.params[n_in:], weights):
-            shape = [int(d) for d in var.ty.shape]
-            spec = policy.spec_for(w["name"], shape[-1], shape[0] if len(shape) == 2 else None,
-                                   target_kernels.QUANT_LAYOUTS) if len(shape) >= 2 else None
-            if spec is None:
-                params.append(var)
-                step_weights.append(w)
-                continue
-            parts = _part_vars(w.get("store", w["name"]), var, spec)
-            quantized[var] = (spec, parts)
-            params.extend(parts)
-            step_weights.append({**w, "quant": spec.as_dict(), "parts": [str(p) for p in parts]})
-        rewriter = _Rewriter(mod, quantized, kernels, target_kernels)
-        body = rewriter.visit_expr(func.body)
-        new_func = replace_weight_inputs(func, params, body, quantized, NAME, "float weights")
-        mod[fname] = new_func
-        if new_weights is not None and new_weights != step_weights:
-            raise InternalError(f"{NAME}: step functions disagree on the weight list")
-        new_weights = step_weights
-        report.matched = report.expected = rewriter.sites
+    def replace(var, w):
+        shape = [int(d) for d in var.ty.shape]
+        spec = policy.spec_for(w["name"], shape[-1], shape[0] if len(shape) == 2 else None,
+                               target_kernels.QUANT_LAYOUTS) if len(shape) >= 2 else None
+        if spec is None:
+            return None
+        parts = _part_vars(w.get("store", w["name"]), var, spec)
+        return (spec, parts), parts, [{**w, "quant": spec.as_dict(), "parts": [str(p) for p in parts]}]
+
+    mod, new_weights, report.matched = rewrite_weight_inputs(
+        mod, weights, functions, NAME, "float weights", replace,
+        lambda m, quantized: _Rewriter(m, quantized, kernels, target_kernels))
+    report.expected = report.matched
     kernels.add_to(mod)
     return mod, new_weights, report

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 
 from ..errors import InternalError
-from . import PassReport, linear_read, replace_weight_inputs
+from . import PassReport, linear_read, rewrite_weight_inputs
 
 NAME = "split_large_weights"
 
@@ -86,37 +86,25 @@ def run(mod: tvm.IRModule, weights: list[dict], limit: int, policy, layouts,
         functions=("prefill", "decode")) -> tuple[tvm.IRModule, list[dict], PassReport]:
     """Returns the module, the new weight list and the report (matched = readers rewritten)."""
     report = PassReport(NAME)
-    mod = tvm.IRModule(dict(mod.functions_items()))
-    new_weights = None
-    for fname in functions:
-        func = mod[fname]
-        n_in = int(func.attrs["num_input"])
-        params, step_weights, blocks = list(func.params[:n_in]), [], {}
-        for var, w in zip(func.params[n_in:], weights):
-            shape = [int(d) for d in var.ty.shape]
-            size = stored_bytes(w["name"], shape, var.ty.dtype, policy, layouts) if len(shape) == 2 else 0
-            if size <= limit:
-                params.append(var)
-                step_weights.append(w)
-                continue
-            per = limit // math.ceil(size / shape[0])  # rows per block (each row's share rounded up)
-            if per < 1:
-                raise InternalError(f"{NAME}: one row of {w['name']} exceeds the binding limit {limit}")
-            per = math.ceil(shape[0] / math.ceil(shape[0] / per))  # the same blocks, evened out
-            blocks[var] = []
-            for a in range(0, shape[0], per):
-                b = min(a + per, shape[0])
-                store = f"{w['name']}.rows{a}-{b}"
-                block = relax.Var(store, relax.TensorType([b - a, shape[1]], var.ty.dtype))
-                blocks[var].append((a, b, block))
-                params.append(block)
-                step_weights.append({**w, "rows": [a, b], "store": store})
-        rewriter = _Rewriter(mod, blocks)
-        body = rewriter.visit_expr(func.body)
-        new_func = replace_weight_inputs(func, params, body, blocks, NAME, "the whole of")
-        mod[fname] = new_func
-        if new_weights is not None and new_weights != step_weights:
-            raise InternalError(f"{NAME}: step functions disagree on the weight list")
-        new_weights = step_weights
-        report.matched = report.expected = rewriter.sites
+
+    def replace(var, w):
+        shape = [int(d) for d in var.ty.shape]
+        size = stored_bytes(w["name"], shape, var.ty.dtype, policy, layouts) if len(shape) == 2 else 0
+        if size <= limit:
+            return None
+        per = limit // math.ceil(size / shape[0])  # rows per block (each row's share rounded up)
+        if per < 1:
+            raise InternalError(f"{NAME}: one row of {w['name']} exceeds the binding limit {limit}")
+        per = math.ceil(shape[0] / math.ceil(shape[0] / per))  # the same blocks, evened out
+        blocks, records = [], []
+        for a in range(0, shape[0], per):
+            b = min(a + per, shape[0])
+            store = f"{w['name']}.rows{a}-{b}"
+            blocks.append((a, b, relax.Var(store, relax.TensorType([b - a, shape[1]], var.ty.dtype))))
+            records.append({**w, "rows": [a, b], "store": store})
+        return blocks, [block for _, _, block in blocks], records
+
+    mod, new_weights, report.matched = rewrite_weight_inputs(mod, weights, functions, NAME, "the whole of",
+                                                             replace, _Rewriter)
+    report.expected = report.matched
     return mod, new_weights, report
