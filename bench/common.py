@@ -33,9 +33,7 @@ from ernie_compile.runtime import Session
 from ernie_compile.runtime.artifact import read_manifest
 from ernie_compile.runtime.tvm_engine import import_runtime_only_tvm
 from membw import ProbeProcess
-manifest = read_manifest({folder!r}, verify=False)
-if manifest.get("backend", "tvm") == "tvm" and manifest["target"]["device"] == "cpu":
-    import_runtime_only_tvm()  # as ernie-run does
+import_runtime_only_tvm(read_manifest({folder!r}, verify=False))  # as ernie-run does
 s = Session({folder!r})
 probe = ProbeProcess()
 prompt = {prompt!r}
@@ -121,7 +119,6 @@ def decode_weight_bytes(folder: Path) -> int:
             part = f.get_slice(name)
             size -= int(np.prod(part.get_shape())) * (2 if part.get_dtype() == "F16" else 4)
     return size
-
 
 
 def kv_bytes_per_token(config: dict, elem_bytes: int) -> int:

@@ -34,12 +34,9 @@ def main(argv=None) -> int:
             raise UserError("--max-new-tokens must be at least 1")
         from .artifact import read_manifest
         from .session import Sampler, Session
+        from .tvm_engine import import_runtime_only_tvm
 
-        manifest = read_manifest(args.artifact, verify=False)
-        if manifest.get("backend", "tvm") == "tvm" and manifest["target"]["device"] == "cpu":
-            from .tvm_engine import import_runtime_only_tvm
-
-            import_runtime_only_tvm()  # GPU artifacts: not tried without the compiler library
+        import_runtime_only_tvm(read_manifest(args.artifact, verify=False))
         sampler = Sampler(args.temperature, args.top_p, args.seed)
         session = Session(args.artifact)
         prompt = args.prompt_ids if args.prompt is None else session.tokenizer.encode(args.prompt)
