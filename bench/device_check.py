@@ -30,7 +30,7 @@ from test_quantize import fake_quant  # noqa: E402
 
 from ernie_compile.compiler.options import CompileOptions  # noqa: E402
 from ernie_compile.compiler.pipeline import compile_model  # noqa: E402
-from ernie_compile.compiler.quantize import QuantPolicy  # noqa: E402
+from ernie_compile.quant import QuantPolicy  # noqa: E402
 
 # name: (model: None = embedded default, "moe" = a small random MoE), dtype, bits, logits tolerance
 CASES = {"tiny-fp32": (None, "float32", None, 1e-3), "tiny-fp16": (None, "float16", None, 2e-2),

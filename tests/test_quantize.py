@@ -17,7 +17,7 @@ import torch
 from conftest import DENSE_CONFIGS, PROMPT_IDS, eager_greedy, eager_model, rel_error
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
-from ernie_compile.compiler.quantize import BITS, QuantPolicy, QuantSpec, dequantize, pack, quantize, unpack
+from ernie_compile.quant import BITS, QuantPolicy, QuantSpec, dequantize, pack, quantize, unpack
 from ernie_compile.errors import UserError
 from ernie_compile.runtime import Session
 
@@ -52,12 +52,15 @@ def test_kernels_match_numpy_dequant(bits, k, kernels):
 
     import tvm
 
+    from ernie_compile.targets import get_target
+
     module = importlib.import_module(f"ernie_compile.targets.{kernels}_kernels")
+    facts = get_target({"cpu": "cpu", "gpu": "cuda"}[kernels])  # the layouts and M = 1 kernels it declares
     linear_q, take_q = module.linear_q, module.take_q
     group_gemm_q = module.group_gemm_q if kernels == "cpu" else partial(module.group_gemm_q, schedule=False)
     spec = QuantPolicy.parse(str(bits), symmetric=False).spec_for("model.layers.0.mlp.up_proj.weight", k,
-                                                                  layouts=module.QUANT_LAYOUTS)
-    lanes16 = k == 640 and k % (16 * spec.per_word) == 0 and "lanes16" in module.QUANT_LAYOUTS
+                                                                  layouts=facts.quant_layouts)
+    lanes16 = k == 640 and k % (16 * spec.per_word) == 0 and "lanes16" in facts.quant_layouts
     assert spec.layout == ("lanes16" if lanes16 else "row")
     rng = np.random.default_rng(bits)
     n, m, experts = 12, 5, 3
@@ -74,7 +77,7 @@ def test_kernels_match_numpy_dequant(bits, k, kernels):
 
     q0 = [np.ascontiguousarray(parts[p][0]) for p in ("qweight", "qscale", "qmin")]
     for rows in (1, m):  # decode (M = 1) and prefill take different paths
-        static = rows if module.SPECIALIZE_STATIC_M and rows == 1 else None
+        static = rows if facts.static_m and rows == 1 else None
         np.testing.assert_allclose(run(linear_q(n, k, spec, m=static), x[:rows], *q0, out_shape=(rows, n)),
                                    x[:rows] @ wd[0].T, rtol=1e-4, atol=1e-4)
     ids = np.array([3, 0, 11, 3], np.int64)
@@ -279,7 +282,7 @@ def _run(prim, *args, out_shape):
 
     from ernie_compile.targets.cpu import CpuTarget
 
-    target = CpuTarget.from_spec(None).tvm_target()
+    target = CpuTarget.from_spec(None).tvm
     lib = tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}), target=target)
     out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)

@@ -1,4 +1,4 @@
-"""Stage 2: transformers model → two torch.export programs sharing one set of weights.
+"""Transformers model → two torch.export programs sharing one set of weights.
 
 prefill(input_ids [1, T], position_ids [1, T]) → logits of the last token [1, V], T symbolic in
 [1, max_seq_len]; decode(input_ids [1, 1], position_ids [1, 1]) → [1, V]. The KV cache is not a

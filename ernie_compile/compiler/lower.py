@@ -1,10 +1,10 @@
-"""Stage 4: captured programs → one Relax IRModule with `prefill`, `decode` and `create_kv`.
+"""Captured programs → one Relax IRModule with `prefill`, `decode` and `create_kv`.
 
 Each Relax step function takes (input_ids, position_ids, paged_kv_cache, *weights); the weights stay
 function inputs (not constants) so the library is separate from the weight file and the runtime
 can load them in the layout the compiled code expects.
 
-A target whose kernels say KV_CACHE = "contiguous" (WebGPU: no C++ runtime objects on the host)
+A target with `kv_cache = "contiguous"` (WebGPU: no C++ runtime objects on the host)
 gets no `create_kv`; its step functions take (input_ids, position_ids, k_cache_0, v_cache_0, …,
 *weights) instead, caches the attention kernels update in place (targets/webgpu_kernels.py).
 """
@@ -18,8 +18,9 @@ from tvm.relax.frontend.torch import from_exported_program
 
 from ..errors import InternalError
 from ..passes import PassReport
+from ..passes.weight_records import WeightRecord
 from .capture import Captured
-from .kernel_table import KernelTable
+from ..passes.kernel_table import KernelTable
 
 PAGE_SIZE = 16  # tokens per KV-cache page; the runtime creates the cache with it (manifest kv_cache)
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
@@ -62,13 +63,15 @@ def _slice(node, importer):
 
 
 class LoweringContext:
-    """What converters share: the KV cache of the step being imported, the target's kernel
-    builders, and the TIR kernels they call, one GlobalVar per kernel name for the whole module (prefill and decode share kernels)."""
+    """What converters share: the target (its declared facts and kernel builders), the KV cache of
+    the step being imported, and the TIR kernels they call, one GlobalVar per kernel name for the
+    whole module (prefill and decode share kernels)."""
 
-    def __init__(self, target_kernels, config=None, max_seq_len: int = 0, dtype: str = "float32"):
-        self.target_kernels = target_kernels  # the target's kernel module (targets/cpu_kernels.py, …)
-        self.contiguous = getattr(target_kernels, "KV_CACHE", "paged") == "contiguous"
-        self.index_dtype = getattr(target_kernels, "INDEX_DTYPE", "int64")  # of indices the graph makes
+    def __init__(self, target, config=None, max_seq_len: int = 0, dtype: str = "float32"):
+        self.target = target  # targets/base.py
+        self.target_kernels = target.kernels  # its kernel builders (targets/cpu_kernels.py, …)
+        self.contiguous = target.kv_cache == "contiguous"
+        self.index_dtype = target.index_dtype  # of indices the graph makes
         self.config, self.max_seq_len, self.dtype = config, max_seq_len, dtype
         self.kernels = KernelTable()
         self.kv_cache = None
@@ -130,12 +133,9 @@ class LoweringContext:
 
 
 def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: LoweringContext,
-                 param_names: dict[str, str]) -> tuple[relax.Function, list[dict]]:
+                 param_names: dict[str, str]) -> tuple[relax.Function, list[WeightRecord]]:
     """One ExportedProgram → (the Relax step function `name`, the weights it takes, in order).
-
-    A weight is {"name": state-dict name} or, for a fused one, {"name": new name, "concat": [names]}.
-    Kernels the converters call land in ctx.
-    """
+    Kernels the converters call land in ctx."""
     ctx.begin_step()
     convert_map = {p.OP_NAME: p.converter(r, ctx) for p, r in zip(passes, reports)}
     convert_map["select.int"] = _select_int
@@ -146,12 +146,16 @@ def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: Lowering
     n_in = int(f.attrs["num_input"])
     used = {str(v) for v in relax.analysis.free_vars(f.body)}
     weights, weight_vars = [], []
+
+    def record(weight: str, sources: list[str], var) -> WeightRecord:
+        return WeightRecord(weight, tuple(sources), tuple(int(d) for d in var.ty.shape), str(var.ty.dtype))
+
     for v in f.params[n_in:]:
         if str(v) in used:
-            weights.append({"name": param_names[str(v)]})
+            weights.append(record(param_names[str(v)], [param_names[str(v)]], v))
             weight_vars.append(v)
     for new_name, (var, parts) in ctx.concats.items():
-        weights.append({"name": new_name, "concat": [param_names[str(p)] for p in parts]})
+        weights.append(record(new_name, [param_names[str(p)] for p in parts], var))
         weight_vars.append(var)
     caches = ctx.cache_params()
     params = [*f.params[:n_in], *caches, *weight_vars]
@@ -165,7 +169,7 @@ def _kv_cache_module(config, dtype: str, target, rope_mode: str) -> tvm.IRModule
     """`create_kv`: TVM's paged KV cache with TIR kernels for `target` (ours; it may replace some of
     TVM's kernels with its own). rope_mode "normal": the cache applies ERNIE's interleaved (GPT-J)
     RoPE to q/k itself; "none": the graph already did."""
-    tvm_target = target.tvm_target()
+    tvm_target = target.tvm
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     class KVCache(nn.Module):
@@ -210,7 +214,7 @@ def lower(captured: Captured, config, target, passes: list, dtype: str = "float3
     rope_modes = {getattr(p, "ROPE_MODE") for p in passes if hasattr(p, "ROPE_MODE")}
     if len(rope_modes) != 1:
         raise InternalError(f"exactly one attention pass must run, got {[p.NAME for p in passes]}")
-    ctx = LoweringContext(target.kernels, config, max_seq_len, dtype)
+    ctx = LoweringContext(target, config, max_seq_len, dtype)
     mod = tvm.IRModule() if ctx.contiguous else _kv_cache_module(config, dtype, target, rope_modes.pop())
     step_weights = {}
     for name in ("prefill", "decode"):

@@ -16,7 +16,7 @@ class CompileOptions:
     preset_overrides: tuple[tuple[str, int | float], ...] = ()  # config fields changed in a preset
     fuse_attention: bool = True  # False: the unfused attention route, a baseline for benchmarks
     dtype: str | None = None  # activations and float weights; None: the target's default
-    # weight quantization (compiler/quantize.py): None = float32 weights
+    # weight quantization (ernie_compile/quant.py): None = float32 weights
     bits: str | None = None  # "4", or per category "experts=2,attn=4,mlp=4,embed=8"
     embed_bits: int | None = None  # the embedding / lm_head, overriding --bits
     group_size: int = 32

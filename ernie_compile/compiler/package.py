@@ -1,4 +1,4 @@
-"""Stage 6: the artifact directory, written whole or not at all.
+"""The artifact directory, written whole or not at all.
 
 Layout: manifest.json (config, options, versions, target, entry points, weight order, sha256 of
 every file), the compiled library, weights.safetensors (transformers names, the layout the library
@@ -8,12 +8,14 @@ place at the end, so a failed compile never leaves a half-written artifact at -o
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import InternalError, UserError
 from ..runtime.artifact import FORMAT_VERSION, MANIFEST, sha256
 
 
@@ -49,40 +51,80 @@ def staging(output: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_weights(state: dict, weights: list[dict], path: Path) -> tuple[list[str], dict[str, float]]:
-    """Save the weights the library takes, in its layout, as safetensors; return the tensor names in
-    the order the step functions take them, and each quantized weight's relative reconstruction
-    error ‖W − dequant(quant(W))‖ / ‖W‖. A fused weight ({"concat": [names]}) is the row-wise
-    concatenation of its transformers parts; a quantized one ({"quant": spec, "parts": [...]}) is
-    stored as its packed codes, scales and offsets (compiler/quantize.py)."""
+# numpy dtype name → safetensors' name for the dtypes artifacts store
+_SAFETENSORS = {"float32": "F32", "float16": "F16", "uint32": "U32", "int32": "I32", "int64": "I64", "uint8": "U8"}
+
+
+class StateDictSource:
+    """A weight source over a model held in memory (its state dict in the dtypes it was cast to)."""
+
+    def __init__(self, model):
+        self.state = model.state_dict()
+
+    def get(self, name: str, index: int | None = None):
+        value = self.state[name] if index is None else self.state[name][index]
+        return value.detach().float().numpy() if str(value.dtype) == "torch.bfloat16" else value.detach().numpy()
+
+
+def produce(record, source, errors: dict):
+    """Yield (StoredTensor, array) for each tensor `record` stores, its value read from `source` (the
+    transformers weights: `get(name) → ndarray`) now; a quantized record's relative reconstruction
+    error ‖W − dequant(quant(W))‖ / ‖W‖ goes into `errors` under its stored name."""
     import numpy as np
-    from safetensors.numpy import save_file
 
-    from .quantize import QuantSpec, dequantize, quantize
+    from ..quant import dequantize, quantize
 
-    def array(name):  # in the dtype the model was cast to (float32 router kept so)
-        return state[name].detach().numpy()
+    parts = [source.get(n) for n in record.sources]
+    value = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if record.rows is not None:  # a row block of a weight split to fit a binding limit
+        value = value[record.rows[0]:record.rows[1]]
+    if tuple(value.shape) != tuple(record.shape):
+        raise InternalError(f"weight {record.name}: the checkpoint gives shape {tuple(value.shape)}, "
+                            f"the compiled code takes {record.shape}")
+    stored = record.stored
+    if record.quant is None:
+        yield stored[0], np.ascontiguousarray(value, dtype=record.dtype)
+        return
+    value = value.astype(np.float32)
+    packed = quantize(value, record.quant)
+    diff = dequantize(packed, record.quant, value.shape[-1]) - value
+    errors[record.name] = float(np.linalg.norm(diff) / max(np.linalg.norm(value), 1e-30))
+    for t, key in zip(stored, ("qweight", "qscale", "qmin")):
+        yield t, np.ascontiguousarray(packed[key])
 
-    arrays, order, errors = {}, [], {}
-    for w in weights:
-        value = np.concatenate([array(n) for n in w["concat"]]) if "concat" in w else array(w["name"])
-        if "rows" in w:  # a row block of a weight split to fit a binding limit (passes/split_large_weights.py)
-            value = value[w["rows"][0]:w["rows"][1]]
-        stored = w.get("store", w["name"])
-        if "quant" in w:
-            spec = QuantSpec(**w["quant"])
-            value = value.astype(np.float32)
-            packed = quantize(value, spec)
-            diff = dequantize(packed, spec, value.shape[-1]) - value
-            errors[stored] = float(np.linalg.norm(diff) / max(np.linalg.norm(value), 1e-30))
-            for part_name, key in zip(w["parts"], ("qweight", "qscale", "qmin")):
-                arrays[part_name] = np.ascontiguousarray(packed[key])
-                order.append(part_name)
-        else:
-            arrays[stored] = np.ascontiguousarray(value)
-            order.append(stored)
-    save_file(arrays, str(path))
-    return order, errors
+
+def write_safetensors(out_dir: Path, records: list, source, log, file: str = "weights.safetensors") -> tuple[dict, dict]:
+    """The stored tensors of `records` in one safetensors file, written as they are produced: the
+    header (every name, dtype, shape and offset is known from the records) first, then each tensor's
+    bytes in order, so no more than one record's values are held at a time. → (the manifest's
+    "weights" entry, the reconstruction errors)."""
+    from ..passes.weight_records import stored_tensors
+
+    tensors = stored_tensors(records)
+    header, offset = {}, 0
+    for t in tensors:
+        nbytes = math.prod(t.shape) * _itemsize(t.dtype)
+        header[t.name] = {"dtype": _SAFETENSORS[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data begins 8-byte aligned, as safetensors writes it
+    errors = {}
+    with open(out_dir / file, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for record in records:
+            for t, value in produce(record, source, errors):
+                meta = header[t.name]
+                if value.dtype.name != t.dtype or list(value.shape) != meta["shape"]:
+                    raise InternalError(f"weight {t.name}: produced {value.dtype.name} {value.shape}, "
+                                        f"declared {t.dtype} {meta['shape']}")
+                f.write(memoryview(value).cast("B"))
+    return {"file": file, "order": [t.name for t in tensors]}, errors
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

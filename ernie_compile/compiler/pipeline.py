@@ -1,16 +1,26 @@
-"""The one place that decides stage order.
+"""The one place that decides stage order: each backend is a list of named phases, run by one loop.
 
-    Phase 0. resolve   options + target (cheap checks first: nothing is loaded for a bad flag)
-    Phase 1. load      checkpoint folder / preset → transformers model (compiler/load.py)
-    Phase 2. capture   torch.export of prefill and decode, attention routed through our op (capture.py)
-    Phase 3. lower     ExportedPrograms → Relax IRModule; graph passes run here (lower.py, passes/)
-    Phase 4. build     Relax → target library (targets/)
-    Phase 5. package   artifact folder with manifest and hashes (package.py)
+`compile_model` first resolves the options against the target (cheap checks: nothing is loaded for
+a bad flag), then runs the backend's phases in order inside the staging folder (package.staging:
+the artifact appears at -o whole or not at all). The loop times each phase, collects what each
+pass matched against what it expected (a shortfall fails the compile), writes the IR after every
+phase with `--dump-ir DIR` (`NN-phase.*`), and on an internal error names the phase and the
+phases before it.
 
-`--backend inductor` (compiler/inductor.py) takes its own route after load: capture with a static KV
-cache, build with AOTInductor, package; phases 3 and 4 are one AOTInductor call.
-
-`--dump-ir DIR` writes each phase's IR; `--report FILE` writes timings and pass counts as JSON.
+TVM route (the default backend):
+    load                 checkpoint folder / preset → transformers' own model (load.py)
+    capture              the graph passes route transformers' modules through our ops
+                         (fuse_gqa_attention, fuse_moe_routing, fuse_gated_mlp); torch.export of
+                         prefill and decode (capture.py)
+    lower                ExportedPrograms → Relax; each graph pass's converter lowers its op
+                         (lower.py, passes/); weight records for the packager
+    split_large_weights  weights over the target's binding limit → row blocks (WebGPU)
+    quantize_weights     --bits: packed weights, dequantizing kernels
+    target_passes        the target's own Relax passes (CPU: linears onto our kernels)
+    build                Relax → the target's library and files (targets/)
+    package              weights (streamed record by record), tokenizer, manifest with hashes
+    accuracy             --bits: KL / top-1 of the artifact against the float model
+Inductor route (`--backend inductor`, compiler/inductor.py): load, capture, build, package.
 """
 from __future__ import annotations
 
@@ -18,38 +28,123 @@ import dataclasses
 import datetime
 import json
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .. import __version__
-from ..errors import UserError
-from ..passes import quantize_weights, select_passes, split_large_weights
-from ..targets import get_target
+from ..errors import InternalError, UserError
+from ..passes import PassReport, quantize_weights, select_passes, split_large_weights
+from ..quant import QuantPolicy
+from ..targets import Target, get_target
 from . import package
-from .inspect import count_kernels
+from .kernel_count import count_kernels
 from .lower import PAGE_SIZE
 from .options import CompileOptions
-from .quantize import QuantPolicy
 
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_TUNING_DB = Path.home() / ".cache" / "ernie-compile" / "tuning-db.jsonl"
 
 
-class _Stages:
-    """Times each phase and tells the user where the compile is."""
+@dataclass
+class Compile:
+    """What the phases read and write, in the order they fill it in."""
 
-    def __init__(self, log):
-        self.log, self.seconds = log, {}
+    opts: CompileOptions
+    log: Callable
+    out: Path | None = None  # the staging folder (becomes -o)
+    target: Target | None = None  # tvm route
+    policy: QuantPolicy | None = None
+    tuner: object = None
+    loaded: object = None  # load.LoadedModel
+    passes: list = field(default_factory=list)  # graph passes (passes.select_passes)
+    captured: object = None
+    mod: object = None  # the Relax IRModule
+    weights: list = field(default_factory=list)  # WeightRecords, in the step functions' input order
+    reports: list[PassReport] = field(default_factory=list)
+    decode_kernels: dict | None = None
+    built: object = None
+    manifest: dict | None = None
+    recon_errors: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
 
-    @contextmanager
-    def __call__(self, name: str):
-        self.log(f"[{name}] …")
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    run: Callable[[Compile], None]
+    applies: Callable[[Compile], bool] = lambda c: True
+    dump: Callable[[Compile, Path], None] | None = None  # writes this phase's IR under the given stem
+
+
+def _run_phases(phases: list[Phase], c: Compile, dump_dir: Path | None) -> None:
+    done: list[str] = []
+    for i, phase in enumerate(phases):
+        if not phase.applies(c):
+            continue
+        c.log(f"[{phase.name}] …")
         t = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - t, 3)
-        self.log(f"[{name}] {self.seconds[name]:.2f} s")
+        try:
+            phase.run(c)
+        except InternalError as e:
+            raise InternalError(f"phase {phase.name} (after {', '.join(done) or 'none'}): {e}") from e
+        c.seconds[phase.name] = round(time.perf_counter() - t, 3)
+        c.log(f"[{phase.name}] {c.seconds[phase.name]:.2f} s")
+        done.append(phase.name)
+        if dump_dir and phase.dump:
+            phase.dump(c, dump_dir / f"{i:02d}-{phase.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dumps: the IR each phase leaves behind
+
+
+def _dump_graphs(c: Compile, stem: Path) -> None:
+    for name in ("prefill", "decode"):
+        Path(f"{stem}.{name}.txt").write_text(str(getattr(c.captured, name).graph_module.code))
+
+
+def _dump_relax(c: Compile, stem: Path) -> None:
+    Path(f"{stem}.relax.py").write_text(c.mod.script(show_meta=False))
+
+
+def _dump_weights(c: Compile, stem: Path) -> None:
+    rows = [{"name": r.name, "sources": list(r.sources), "shape": list(r.shape), "dtype": r.dtype,
+             "rows": r.rows, "quant": r.quant.as_dict() if r.quant else None} for r in c.weights]
+    Path(f"{stem}.weights.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _dump_relax_and_weights(c: Compile, stem: Path) -> None:
+    _dump_relax(c, stem)
+    _dump_weights(c, stem)
+
+
+def _dump_build(c: Compile, stem: Path) -> None:
+    Path(f"{stem}.json").write_text(json.dumps({"library": c.built.library.name, **c.built.info}, indent=1) + "\n")
+
+
+def _dump_manifest(c: Compile, stem: Path) -> None:
+    Path(f"{stem}.manifest.json").write_text(json.dumps(c.manifest, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases shared by both routes
+
+
+def _load(c: Compile) -> None:
+    from .load import load
+
+    opts = c.opts
+    c.loaded = load(opts.model, opts.seed, dict(opts.preset_overrides))
+    config = c.loaded.model.config
+    if opts.max_seq_len is None:
+        c.opts = dataclasses.replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings))
+    elif opts.max_seq_len > config.max_position_embeddings:
+        raise UserError(f"--max-seq-len {opts.max_seq_len} exceeds the model's max_position_embeddings "
+                        f"({config.max_position_embeddings})")
+    c.log("options: " + json.dumps(c.opts.as_dict()))
 
 
 def _versions() -> dict:
@@ -61,28 +156,41 @@ def _versions() -> dict:
             "tvm": tvm.__version__}
 
 
-def _accuracy(model, folder: Path, config, target, recon_errors: dict) -> dict:
-    """Quantized vs float: KL and top-1 on a fixed prompt set (compiler/accuracy.py), per-weight error."""
-    from .accuracy import measure
+def _manifest(c: Compile, backend: str) -> dict:
+    """The manifest fields every backend writes; each adds its own entry points and files."""
+    config = c.loaded.model.config
+    eos = config.eos_token_id
+    tokenizer = {"files": package.copy_tokenizer(c.loaded.tokenizer_files, c.out),
+                 "bos_token_id": config.bos_token_id, "eos_token_ids": eos if isinstance(eos, list) else [eos]}
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backend": backend,
+        "model": {"source": c.loaded.source, "model_type": config.model_type,
+                  "num_parameters": sum(p.numel() for p in c.loaded.model.parameters()),
+                  "config": json.loads(config.to_json_string(use_diff=False))},
+        "options": c.opts.as_dict(),
+        "versions": _versions(),
+        "dtype": c.opts.dtype,
+        "vocab_size": config.vocab_size,
+        "tokenizer": tokenizer,
+    }
 
-    result = {"weight_rel_error": recon_errors}
-    if target.runnable_here:
-        result.update(measure(model, folder, config.vocab_size))
-    else:
-        result["note"] = f"KL / top-1 not measured: a {target.spec} artifact does not run on this machine"
-    return result
+
+# ---------------------------------------------------------------------------------------------
+# The TVM route
 
 
-def _log_accuracy(acc: dict, log) -> None:
-    errs = acc["weight_rel_error"]
-    worst = max(errs, key=errs.get) if errs else None
-    line = f"  accuracy vs float: weight error mean {np.mean(list(errs.values())):.4f}"
-    if worst:
-        line += f", worst {errs[worst]:.4f} ({worst})"
-    if "kl_mean" in acc:
-        line += (f"; KL mean {acc['kl_mean']:.5f} max {acc['kl_max']:.5f}, "
-                 f"top-1 agreement {100 * acc['top1_agreement']:.1f}%")
-    log(line)
+def _act_bits(opts: CompileOptions, target: Target) -> str:
+    """--act-bits resolved: "8" or "none" (recorded in the manifest's options)."""
+    if opts.act_bits not in ("auto", "8", "none"):
+        raise UserError(f"--act-bits {opts.act_bits}: auto, 8 or none")
+    if opts.bits is None and opts.embed_bits is None:
+        return "none"  # float weights: activations stay float too
+    if opts.act_bits == "8" and not target.int8_dot:
+        raise UserError(f"--act-bits 8: target {target.spec} has no AVX-512 VNNI; use --act-bits none")
+    if opts.act_bits == "auto":
+        return "8" if target.int8_dot else "none"
+    return opts.act_bits
 
 
 def _tuner(opts: CompileOptions, log):
@@ -97,41 +205,199 @@ def _tuner(opts: CompileOptions, log):
                  max_seconds=opts.tune_minutes * 60 if opts.tune_minutes else None)
 
 
-def _manifest(opts: CompileOptions, loaded, backend: str) -> dict:
-    """The manifest fields every backend writes; each adds its own entry points and files."""
-    config = loaded.model.config
-    return {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": backend,
-        "model": {"source": loaded.source, "model_type": config.model_type,
-                  "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
-                  "config": json.loads(config.to_json_string(use_diff=False))},
-        "options": opts.as_dict(),
-        "versions": _versions(),
-        "dtype": opts.dtype,
-        "vocab_size": config.vocab_size,
-    }
+def _resolve_tvm(c: Compile) -> None:
+    opts = c.opts
+    target = c.target = get_target(opts.target)
+    opts = dataclasses.replace(opts, act_bits=_act_bits(opts, target))
+    if target.kv_cache == "contiguous" and not opts.fuse_attention:
+        raise UserError(f"--no-fuse-attention: target {target.name} attends through its own KV-cache kernels, "
+                        "which the fused attention route feeds")
+    dtype = opts.dtype or target.dtypes[0]
+    if dtype not in target.dtypes:
+        raise UserError(f"--dtype {dtype}: target {target.name} computes in {' or '.join(target.dtypes)}")
+    opts = dataclasses.replace(opts, dtype=dtype, scale_dtype=opts.scale_dtype or target.scale_dtypes[dtype])
+    c.policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype,
+                                 8 if opts.act_bits == "8" else None)
+    if opts.tune and opts.tuning_db is None:
+        opts = dataclasses.replace(opts, tuning_db=DEFAULT_TUNING_DB)
+    if opts.tune and not target.tunable:
+        raise UserError(f"--tune: target {target.name} has no kernels with schedule parameters to search")
+    if opts.tune and not target.runs_here():
+        raise UserError(f"--tune measures kernels on this machine; a {target.spec} build does not run here "
+                        f"(tune on the device, then pass --tuning-db)")
+    c.opts = opts
+    c.tuner = _tuner(opts, c.log)
 
 
-def _tokenizer(loaded, folder: Path) -> dict:
-    eos = loaded.model.config.eos_token_id
-    return {"files": package.copy_tokenizer(loaded.tokenizer_files, folder),
-            "bos_token_id": loaded.model.config.bos_token_id,
-            "eos_token_ids": eos if isinstance(eos, list) else [eos]}
+def _capture(c: Compile) -> None:
+    from .capture import capture
+    from .load import cast
+
+    cast(c.loaded.model, c.opts.dtype)
+    c.passes = select_passes(c.loaded.model.config, fuse_attention=c.opts.fuse_attention)
+    c.captured = capture(c.loaded.model, c.opts.max_seq_len, c.passes, ids_dtype=c.target.index_dtype)
 
 
-def _act_bits(opts: CompileOptions, target) -> str:
-    """--act-bits resolved: "8" or "none" (recorded in the manifest's options)."""
-    if opts.act_bits not in ("auto", "8", "none"):
-        raise UserError(f"--act-bits {opts.act_bits}: auto, 8 or none")
-    if opts.bits is None and opts.embed_bits is None:
-        return "none"  # float weights: activations stay float too
-    vnni = getattr(target, "int8_dot", False)
-    if opts.act_bits == "8" and not vnni:
-        raise UserError(f"--act-bits 8: target {target.spec} has no AVX-512 VNNI; use --act-bits none")
-    if opts.act_bits == "auto":
-        return "8" if vnni else "none"
-    return opts.act_bits
+def _lower(c: Compile) -> None:
+    from .lower import lower
+
+    c.mod, reports, c.weights = lower(c.captured, c.loaded.model.config, c.target, c.passes, c.opts.dtype,
+                                      c.opts.max_seq_len)
+    c.reports += reports
+
+
+def _split(c: Compile) -> None:
+    c.mod, c.weights, report = split_large_weights.run(c.mod, c.weights, c.target.max_binding_bytes, c.policy,
+                                                       c.target.quant_layouts)
+    c.reports.append(report)
+
+
+def _quantize(c: Compile) -> None:
+    c.mod, c.weights, report = quantize_weights.run(c.mod, c.weights, c.policy, c.target)
+    c.reports.append(report)
+
+
+def _target_passes(c: Compile) -> None:
+    c.mod, reports = c.target.passes(c.mod, c.tuner)
+    c.reports += reports
+    c.decode_kernels = count_kernels(c.mod, "decode")
+    c.log(f"  decode step: {c.decode_kernels['tir']} TIR kernels, {c.decode_kernels['builtin']} runtime builtin calls")
+    if c.opts.tuning_db:
+        c.log(f"  tuning: {c.tuner.stats}")
+    for r in c.reports:
+        c.log(f"  pass {r}")
+
+
+def _build(c: Compile) -> None:
+    c.built = c.target.build(c.mod, c.out, c.opts.max_seq_len)
+    if "launches" in c.built.info:  # a launch plan: what a host dispatches per call
+        c.log("  launch plan: " + ", ".join(f"{f} {n} kernels" for f, n in c.built.info["launches"].items()))
+
+
+def _package(c: Compile) -> None:
+    from .package import StateDictSource
+
+    target = c.target
+    manifest = _manifest(c, target.backend)
+    stored, c.recon_errors = target.write_weights(c.out, c.weights, StateDictSource(c.loaded.model), c.built, c.log)
+    target.write_host_files(c.out, manifest["tokenizer"])
+    c.manifest = dict(
+        manifest,
+        target={"spec": target.spec, "device": target.device, "tvm": str(target.tvm), "cross": target.cross},
+        library=c.built.library.name,
+        kernels=c.built.info,
+        functions={"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
+        weights={**stored,
+                 "fused": {r.weight: list(r.sources) for r in c.weights if len(r.sources) > 1},
+                 "quantized": {r.name: r.quant.as_dict() for r in c.weights if r.quant}},
+        quantization=c.policy.as_dict() if c.policy else None,
+        kv_cache={"max_seq_len": c.opts.max_seq_len, "page_size": PAGE_SIZE},
+        passes={r.name: {"matched": r.matched, "expected": r.expected} for r in c.reports},
+        tuning=c.tuner.report() if c.opts.tuning_db else None)
+    package.write_manifest(c.out, c.manifest)
+
+
+def _accuracy(c: Compile) -> None:
+    """Quantized vs float: KL and top-1 on a fixed prompt set (compiler/accuracy.py), per-weight error."""
+    from .accuracy import measure
+
+    acc = {"weight_rel_error": c.recon_errors}
+    if c.target.runs_here():
+        acc.update(measure(c.loaded.model, c.out, c.loaded.model.config.vocab_size))
+    else:
+        acc["note"] = f"KL / top-1 not measured: a {c.target.spec} artifact does not run on this machine"
+    c.manifest["accuracy"] = acc
+    package.write_manifest(c.out, c.manifest)
+    errs = acc["weight_rel_error"]
+    worst = max(errs, key=errs.get) if errs else None
+    line = f"  accuracy vs float: weight error mean {np.mean(list(errs.values())):.4f}"
+    if worst:
+        line += f", worst {errs[worst]:.4f} ({worst})"
+    if "kl_mean" in acc:
+        line += (f"; KL mean {acc['kl_mean']:.5f} max {acc['kl_max']:.5f}, "
+                 f"top-1 agreement {100 * acc['top1_agreement']:.1f}%")
+    c.log(line)
+
+
+TVM_PHASES = [
+    Phase("load", _load),
+    Phase("capture", _capture, dump=_dump_graphs),
+    Phase("lower", _lower, dump=_dump_relax_and_weights),
+    Phase("split_large_weights", _split, applies=lambda c: c.target.max_binding_bytes is not None,
+          dump=_dump_relax_and_weights),
+    Phase("quantize_weights", _quantize, applies=lambda c: c.policy is not None, dump=_dump_relax_and_weights),
+    Phase("target_passes", _target_passes, dump=_dump_relax),
+    Phase("build", _build, dump=_dump_build),
+    Phase("package", _package, dump=_dump_manifest),
+    Phase("accuracy", _accuracy, applies=lambda c: c.policy is not None, dump=_dump_manifest),
+]
+
+
+def _tvm_report(c: Compile) -> dict:
+    return {"passes": c.manifest["passes"], "decode_kernels": c.decode_kernels, "library_kernels": c.built.info,
+            "accuracy": c.manifest.get("accuracy"), "tuning": c.manifest["tuning"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The inductor route: the in-house baseline (compiler/inductor.py)
+
+
+def _resolve_inductor(c: Compile) -> None:
+    from . import inductor
+
+    inductor.check_options(c.opts)
+    c.opts = dataclasses.replace(c.opts, dtype="float32")
+
+
+def _inductor_capture(c: Compile) -> None:
+    from . import inductor
+
+    c.captured = inductor.capture(c.loaded.model, c.opts.max_seq_len)
+
+
+def _inductor_build(c: Compile) -> None:
+    from . import inductor
+
+    c.built = inductor.build(c.captured, c.out)  # the constants' names
+
+
+def _inductor_package(c: Compile) -> None:
+    from . import inductor
+
+    stored = inductor.write_weights(c.captured, c.built, c.out / "weights.safetensors")
+    c.manifest = dict(
+        _manifest(c, "inductor"),
+        target={"spec": "cpu", "device": "cpu", "cross": False},
+        programs=dict(inductor.PROGRAMS),
+        python_ops=c.captured.python_ops,
+        weights={"file": "weights.safetensors", "constants": stored},
+        quantization=None,
+        kv_cache={"max_seq_len": c.opts.max_seq_len, "shapes": c.captured.kv_shapes},
+        passes={})
+    package.write_manifest(c.out, c.manifest)
+
+
+INDUCTOR_PHASES = [
+    Phase("load", _load),
+    Phase("capture", _inductor_capture, dump=_dump_graphs),
+    Phase("build", _inductor_build),
+    Phase("package", _inductor_package, dump=_dump_manifest),
+]
+
+
+@dataclass(frozen=True)
+class Backend:
+    resolve: Callable[[Compile], None]  # checks and completes the options before anything is loaded
+    phases: list[Phase]
+    report: Callable[[Compile], dict]  # the report's backend-specific fields
+
+
+BACKENDS = {
+    "tvm": Backend(_resolve_tvm, TVM_PHASES, _tvm_report),
+    "inductor": Backend(_resolve_inductor, INDUCTOR_PHASES,
+                        lambda c: {"passes": {}, "decode_kernels": None, "library_kernels": None, "accuracy": None,
+                                   "tuning": None}),
+}
 
 
 def compile_model(opts: CompileOptions, log=print) -> dict:
@@ -139,189 +405,20 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     if opts.backend not in BACKENDS:
         raise UserError(f"unknown backend {opts.backend!r}; backends: {', '.join(BACKENDS)}")
     backend = BACKENDS[opts.backend]
-    opts, resolved = backend.resolve(opts, log)
-    if opts.max_seq_len is not None and opts.max_seq_len < 2:
-        raise UserError(f"--max-seq-len {opts.max_seq_len}: must be at least 2")
-    package.check_output(opts.output)
-    stages = _Stages(log)
-    dump = Path(opts.dump_ir) if opts.dump_ir else None
+    c = Compile(opts, log)
+    backend.resolve(c)
+    if c.opts.max_seq_len is not None and c.opts.max_seq_len < 2:
+        raise UserError(f"--max-seq-len {c.opts.max_seq_len}: must be at least 2")
+    package.check_output(c.opts.output)
+    dump = Path(c.opts.dump_ir) if c.opts.dump_ir else None
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
-
-    from .load import load
-
-    with stages("load"):
-        loaded = load(opts.model, opts.seed, dict(opts.preset_overrides))
-    config = loaded.model.config
-    if opts.max_seq_len is None:
-        opts = dataclasses.replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings))
-    elif opts.max_seq_len > config.max_position_embeddings:
-        raise UserError(f"--max-seq-len {opts.max_seq_len} exceeds the model's max_position_embeddings "
-                        f"({config.max_position_embeddings})")
-    log("options: " + json.dumps(opts.as_dict()))
-
-    outcome = backend.run(opts, resolved, loaded, stages, dump, log)
-    report = {"output": str(Path(opts.output).resolve()), "options": opts.as_dict(), "backend": opts.backend,
-              "stages": stages.seconds, **outcome}
-    log(f"wrote {report['output']} ({report['artifact_bytes'] / 2**20:.1f} MiB) in "
-        f"{sum(stages.seconds.values()):.1f} s")
-    if opts.report:
-        Path(opts.report).write_text(json.dumps(report, indent=2) + "\n")
+    with package.staging(c.opts.output) as c.out:
+        _run_phases(backend.phases, c, dump)
+        size = sum(p.stat().st_size for p in c.out.rglob("*") if p.is_file())
+    report = {"output": str(Path(c.opts.output).resolve()), "options": c.opts.as_dict(), "backend": c.opts.backend,
+              "stages": c.seconds, "artifact_bytes": size, **backend.report(c)}
+    log(f"wrote {report['output']} ({size / 2**20:.1f} MiB) in {sum(c.seconds.values()):.1f} s")
+    if c.opts.report:
+        Path(c.opts.report).write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-class _Tvm:
-    """Phases 2–5 through TVM (the default backend)."""
-
-    @staticmethod
-    def resolve(opts: CompileOptions, log):
-        target = get_target(opts.target)
-        tvm_target = target.tvm_target()
-        opts = dataclasses.replace(opts, act_bits=_act_bits(opts, target))
-        if getattr(target.kernels, "KV_CACHE", "paged") == "contiguous" and not opts.fuse_attention:
-            raise UserError(f"--no-fuse-attention: target {target.name} attends through its own KV-cache kernels, "
-                            "which the fused attention route feeds")
-        dtype = opts.dtype or target.dtypes[0]
-        if dtype not in target.dtypes:
-            raise UserError(f"--dtype {dtype}: target {target.name} computes in {' or '.join(target.dtypes)}")
-        # group scales in float16 unless the target says otherwise (WebGPU: float16 needs shader-f16)
-        scale_dtype = opts.scale_dtype or getattr(target, "scale_dtype", lambda _: "float16")(dtype)
-        opts = dataclasses.replace(opts, dtype=dtype, scale_dtype=scale_dtype)
-        policy = QuantPolicy.parse(opts.bits, opts.embed_bits, opts.group_size, opts.symmetric, opts.scale_dtype,
-                                   8 if opts.act_bits == "8" else None)
-        if opts.tune and opts.tuning_db is None:
-            opts = dataclasses.replace(opts, tuning_db=DEFAULT_TUNING_DB)
-        if opts.tune and not getattr(target.kernels, "TUNABLE", None):
-            raise UserError(f"--tune: target {target.name} has no kernels with schedule parameters to search")
-        if opts.tune and not target.runnable_here:
-            raise UserError(f"--tune measures kernels on this machine; a {target.spec} build does not run here "
-                            f"(tune on the device, then pass --tuning-db)")
-        return opts, (target, tvm_target, policy, _tuner(opts, log))
-
-    @staticmethod
-    def run(opts, resolved, loaded, stages, dump, log) -> dict:
-        from .capture import capture
-        from .load import cast
-        from .lower import lower
-
-        target, tvm_target, policy, tuner = resolved
-        config, dtype = loaded.model.config, opts.dtype
-        cast(loaded.model, dtype)
-        passes = select_passes(config, fuse_attention=opts.fuse_attention)
-        with stages("capture"):
-            captured = capture(loaded.model, opts.max_seq_len, passes,
-                               ids_dtype=getattr(target.kernels, "INDEX_DTYPE", "int64"))
-        if dump:
-            for name in ("prefill", "decode"):
-                (dump / f"2-capture.{name}.txt").write_text(str(getattr(captured, name).graph_module.code))
-
-        with stages("lower"):
-            mod, pass_reports, weights = lower(captured, config, target, passes, dtype, opts.max_seq_len)
-            if getattr(target, "max_binding_bytes", None):  # webgpu: every weight must fit one binding
-                mod, weights, split_report = split_large_weights.run(mod, weights, target.max_binding_bytes, policy,
-                                                                     target.kernels.QUANT_LAYOUTS)
-                pass_reports.append(split_report)
-            if policy:
-                mod, weights, qreport = quantize_weights.run(mod, weights, policy, target.kernels)
-                pass_reports.append(qreport)
-            mod, target_reports = target.passes(mod, tuner)
-            pass_reports += target_reports
-            kernels = count_kernels(mod, "decode")
-        log(f"  decode step: {kernels['tir']} TIR kernels, {kernels['builtin']} runtime builtin calls")
-        if opts.tuning_db:
-            log(f"  tuning: {tuner.stats}")
-        for r in pass_reports:
-            log(f"  pass {r}")
-        if dump:
-            (dump / "3-lower.relax.py").write_text(mod.script(show_meta=False))
-
-        with package.staging(opts.output) as tmp:
-            # a target with `finish` (webgpu) builds a launch plan sized by max_seq_len and moves
-            # the weights into its own files once they are written
-            planned = hasattr(target, "finish")
-            with stages("build"):
-                library, build_info = target.build(mod, tmp, **({"max_seq_len": opts.max_seq_len} if planned else {}))
-            if "launches" in build_info:  # a launch plan: what a host dispatches per call
-                log("  launch plan: " + ", ".join(f"{f} {n} kernels" for f, n in build_info["launches"].items()))
-            with stages("package"):
-                state = loaded.model.state_dict()
-                order, recon_errors = package.write_weights(state, weights, tmp / "weights.safetensors")
-                stored = {"file": "weights.safetensors", "order": order}
-                tokenizer = _tokenizer(loaded, tmp)
-                if planned:
-                    stored = target.finish(tmp, tmp / "weights.safetensors", order, tokenizer)
-                    if "warning" in stored:
-                        log("  " + stored.pop("warning"))
-                manifest = dict(
-                    _manifest(opts, loaded, getattr(target, "backend", "tvm")),
-                    target={"spec": target.spec, "device": target.device, "tvm": str(tvm_target),
-                            "runnable_here": target.runnable_here},
-                    library=library.name,
-                    kernels=build_info,
-                    functions={"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
-                    weights={**stored,
-                             "fused": {w["name"]: w["concat"] for w in weights if "concat" in w},
-                             "quantized": {w["name"]: w["quant"] for w in weights if "quant" in w}},
-                    quantization=policy.as_dict() if policy else None,
-                    kv_cache={"max_seq_len": opts.max_seq_len, "page_size": PAGE_SIZE},
-                    tokenizer=tokenizer,
-                    passes={r.name: {"matched": r.matched, "expected": r.expected} for r in pass_reports},
-                    tuning=tuner.report() if opts.tuning_db else None)
-                package.write_manifest(tmp, manifest)
-            if policy:
-                with stages("accuracy"):
-                    manifest["accuracy"] = _accuracy(loaded.model, tmp, config, target, recon_errors)
-                    package.write_manifest(tmp, manifest)
-                _log_accuracy(manifest["accuracy"], log)
-            size = _size(tmp)
-        return {"passes": manifest["passes"], "decode_kernels": kernels, "library_kernels": build_info,
-                "artifact_bytes": size, "accuracy": manifest.get("accuracy"), "tuning": manifest["tuning"]}
-
-
-class _Inductor:
-    """Phases 2–5 through torch.export + AOTInductor (compiler/inductor.py): the in-house baseline."""
-
-    @staticmethod
-    def resolve(opts: CompileOptions, log):
-        from . import inductor
-
-        inductor.check_options(opts)
-        return dataclasses.replace(opts, dtype="float32"), None
-
-    @staticmethod
-    def run(opts, resolved, loaded, stages, dump, log) -> dict:
-        from . import inductor
-
-        with stages("capture"):
-            captured = inductor.capture(loaded.model, opts.max_seq_len)
-        if dump:
-            for name in inductor.PROGRAMS:
-                (dump / f"2-capture.{name}.txt").write_text(str(getattr(captured, name).graph_module.code))
-        with package.staging(opts.output) as tmp:
-            with stages("build"):
-                constants = inductor.build(captured, tmp)
-            with stages("package"):
-                stored = inductor.write_weights(captured, constants, tmp / "weights.safetensors")
-                manifest = dict(
-                    _manifest(opts, loaded, "inductor"),
-                    target={"spec": "cpu", "device": "cpu", "runnable_here": True},
-                    programs=dict(inductor.PROGRAMS),
-                    python_ops=captured.python_ops,
-                    weights={"file": "weights.safetensors", "constants": stored},
-                    quantization=None,
-                    kv_cache={"max_seq_len": opts.max_seq_len, "shapes": captured.kv_shapes},
-                    tokenizer=_tokenizer(loaded, tmp),
-                    passes={})
-                package.write_manifest(tmp, manifest)
-            size = _size(tmp)
-        return {"passes": {}, "decode_kernels": None, "library_kernels": None, "artifact_bytes": size,
-                "accuracy": None, "tuning": None}
-
-
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-# --backend NAME → its phases 2–5. `resolve` checks the options before anything is loaded (and returns
-# them completed); `run` writes the artifact and returns the report's backend-specific fields.
-BACKENDS = {"tvm": _Tvm, "inductor": _Inductor}

@@ -51,11 +51,11 @@ def linear_read(mutator, call) -> LinearRead | None:
     return LinearRead(inner.args[0] if inner is not None else perm.args[0], inner, outer)
 
 
-def rewrite_weight_inputs(mod, weights: list[dict], functions, pass_name: str, what: str, replace, rewriter):
+def rewrite_weight_inputs(mod, weights: list, functions, pass_name: str, what: str, replace, rewriter):
     """The driver of a pass that replaces some weight inputs of each step function by new ones.
 
-    replace(var, w) → None (keep input `var`, weight record `w`), or (value, new input vars, their
-    weight records), `value` being what `rewriter(mod, {var: value, …})` — a PyExprMutator that
+    replace(var, w) → None (keep input `var`, WeightRecord `w`), or (value, new input vars, their
+    WeightRecords), `value` being what `rewriter(mod, {var: value, …})` — a PyExprMutator that
     counts the readers it rewrote in `.sites` — gets to rewrite the readers of `var` with. Returns
     the module, the new weight records (every step function must agree on them) and the sites of
     the last function. An InternalError if a replaced input is still read (`what` names them)."""

@@ -95,8 +95,8 @@ def converter(report: PassReport, ctx):
         w = ctx.concat_params(f"model.layers.{layer}.mlp.gate_up_proj.weight", [wg, wu])
         h = bb.emit(op.matmul(x, op.permute_dims(w)))  # [B, T, 2I]
         report.matched += 1
-        make = getattr(ctx.target_kernels, "silu_mul", None)
-        if make is not None:
+        if "silu_mul" in ctx.target.native_ops:
+            make = ctx.target_kernels.silu_mul
             *lead, _ = h.ty.shape
             rows = 1
             for d in lead:

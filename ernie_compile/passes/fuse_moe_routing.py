@@ -13,8 +13,8 @@ clamp(sum, moe_norm_min) → each chosen expert's SwiGLU MLP → weighted sum.
 
 Lowered (Relax), the T·k (token, expert) pairs are sorted by expert and each expert's rows run as one
 segment of a grouped GEMM (the target's `group_gemm`, e.g. targets/cpu_kernels.py): decode reads only the k chosen
-experts' weights; prefill reads each chosen expert once for all its tokens. A target whose kernels
-bring `moe_route` (WebGPU: no GPU sort it can run) routes with that kernel and keeps the pairs in
+experts' weights; prefill reads each chosen expert once for all its tokens. A target that lowers
+`moe_route` natively (WebGPU: no GPU sort it can run) routes with that kernel and keeps the pairs in
 (token, slot) order; its grouped GEMMs read each row's expert id.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def converter(report: PassReport, ctx):
             return emit(relax.call_tir(f_down, [act, indptr, expert_ids, down], relax.TensorType((m, h), dtype)))
 
         report.matched += 1
-        if hasattr(ctx.target_kernels, "moe_route"):  # no sort on the target (WebGPU): see its kernel
+        if "moe_route" in ctx.target.native_ops:  # no sort on the target (WebGPU): see its kernel
             route = ctx.target_kernels.moe_route
             f_route = ctx.kernel(f"moe_route_{num_experts}x{top_k}_n{norm_min:g}_{idx}".replace("-", "m").replace(".", "p"),
                                  lambda: route(num_experts, top_k, norm_min, idx))

@@ -13,9 +13,9 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from ..compiler.kernel_table import KernelTable
 from ..errors import InternalError
 from . import PassReport
+from .kernel_table import KernelTable
 
 NAME = "lower_linear_to_kernel"
 

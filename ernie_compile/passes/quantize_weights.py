@@ -1,6 +1,6 @@
 """Quantize weights group-wise and fuse their dequantization into the kernels that read them.
 
-For every weight input the policy quantizes (compiler/quantize.py), the input W becomes three inputs
+For every weight input the policy quantizes (ernie_compile/quant.py), the input W becomes three inputs
 (packed codes, group scales, group offsets) and each reader of W becomes a kernel that dequantizes
 as it goes:
 
@@ -8,7 +8,7 @@ as it goes:
     after:   y = call_tir(linear_q, (x, Wq, Ws, Wm))   e = call_tir(take_q, (ids, Wq, Ws, Wm))   call_tir(moe_group_gemm_q, (x, ptr, ids, Wq, Ws, Wm))
 
 Any other reader left after the rewrite is an error: no full-precision copy of a quantized weight
-may exist at run time. The weight list gains {"quant": spec, "parts": [...]} so the packager writes
+may exist at run time. Each replaced weight's record gains its QuantSpec, so the packager writes
 the quantized tensors in the layout the kernels take.
 """
 from __future__ import annotations
@@ -16,21 +16,21 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..compiler.kernel_table import KernelTable
-from ..compiler.quantize import QuantPolicy, QuantSpec
+from .kernel_table import KernelTable
+from ..quant import QuantPolicy
 from . import PassReport, linear_read, rewrite_weight_inputs
+from .weight_records import WeightRecord
 
 NAME = "quantize_weights"
-PARTS = ("qweight", "qscale", "qmin")
 
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, quantized: dict, kernels: KernelTable, target_kernels):
+    def __init__(self, mod, quantized: dict, kernels: KernelTable, target):
         super().__init__(mod)
         self.quantized = quantized  # weight Var → (spec, (qw, qs, qm) Vars)
         self.kernels = kernels
-        self.make = target_kernels
+        self.target, self.make = target, target.kernels
         self.sites = 0
 
     def visit_call_(self, call):
@@ -62,7 +62,7 @@ class _Rewriter(relax.PyExprMutator):
         for d in lead:
             m = m * d
         # GPU targets schedule M = 1 (decode, a GEMV) and M symbolic (prefill, a GEMM) differently
-        static_m = int(m) if self.make.SPECIALIZE_STATIC_M and isinstance(m, (int, tirx.IntImm)) else None
+        static_m = int(m) if self.target.static_m and isinstance(m, (int, tirx.IntImm)) else None
         # the importer may accumulate a float16 linear in float32 (matmul out_dtype): keep its output type
         out = {"out_dtype": call.ty.dtype} if call.ty.dtype != x.ty.dtype else {}
         gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{spec.layout}_{n}x{k}_{x.ty.dtype}" + (f"_m{static_m}" if static_m else "")
@@ -84,7 +84,7 @@ class _Rewriter(relax.PyExprMutator):
         t = 1
         for d in shape:
             t = t * d
-        idx = getattr(self.make, "INDEX_DTYPE", "int64")
+        idx = self.target.index_dtype
         flat = self.builder_.emit(relax.op.reshape(relax.op.astype(ids, idx), [t]))
         dtype = call.args[0].ty.dtype
         extra = {"index_dtype": idx} if idx != "int64" else {}
@@ -112,34 +112,31 @@ class _Rewriter(relax.PyExprMutator):
         return relax.call_tir(gv, [x, indptr, expert_ids, *parts], call.ty)
 
 
-def _part_vars(name: str, w: relax.Var, spec: QuantSpec):
-    shape = [int(d) for d in w.ty.shape]
-    *lead, k = shape
-    return (relax.Var(f"{name}.qweight", relax.TensorType([*lead, spec.words(k)], "uint32")),
-            relax.Var(f"{name}.qscale", relax.TensorType([*lead, k // spec.group_size], spec.scale_dtype)),
-            relax.Var(f"{name}.qmin", relax.TensorType([*lead, k // spec.group_size], spec.scale_dtype)))
+def _part_vars(record: WeightRecord) -> tuple[relax.Var, ...]:
+    return tuple(relax.Var(t.name, relax.TensorType(list(t.shape), t.dtype)) for t in record.stored)
 
 
-def run(mod: tvm.IRModule, weights: list[dict], policy: QuantPolicy, target_kernels,
-        functions=("prefill", "decode")) -> tuple[tvm.IRModule, list[dict], PassReport]:
-    """Returns the module, the new weight list (aligned with the step functions' weight inputs), and
-    the report: matched = readers rewritten per step function, expected = readers of those weights.
-    `target_kernels` builds the dequantizing kernels (the target's kernel module)."""
+def run(mod: tvm.IRModule, weights: list[WeightRecord], policy: QuantPolicy, target,
+        functions=("prefill", "decode")) -> tuple[tvm.IRModule, list[WeightRecord], PassReport]:
+    """Returns the module, the new weight records (aligned with the step functions' weight inputs),
+    and the report: matched = readers rewritten per step function, expected = readers of those
+    weights. `target` (targets/base.py) builds the dequantizing kernels and says which layouts they read."""
     report = PassReport(NAME)
     kernels = KernelTable()
 
-    def replace(var, w):
-        shape = [int(d) for d in var.ty.shape]
-        spec = policy.spec_for(w["name"], shape[-1], shape[0] if len(shape) == 2 else None,
-                               target_kernels.QUANT_LAYOUTS) if len(shape) >= 2 else None
+    def replace(var, w: WeightRecord):
+        shape = w.shape
+        spec = policy.spec_for(w.weight, shape[-1], shape[0] if len(shape) == 2 else None,
+                               target.quant_layouts) if len(shape) >= 2 else None
         if spec is None:
             return None
-        parts = _part_vars(w.get("store", w["name"]), var, spec)
-        return (spec, parts), parts, [{**w, "quant": spec.as_dict(), "parts": [str(p) for p in parts]}]
+        record = w.replace(quant=spec)
+        parts = _part_vars(record)
+        return (spec, parts), parts, [record]
 
     mod, new_weights, report.matched = rewrite_weight_inputs(
         mod, weights, functions, NAME, "float weights", replace,
-        lambda m, quantized: _Rewriter(m, quantized, kernels, target_kernels))
+        lambda m, quantized: _Rewriter(m, quantized, kernels, target))
     report.expected = report.matched
     kernels.add_to(mod)
     return mod, new_weights, report

@@ -7,9 +7,9 @@ tied embedding is 404 MiB in float32. Rows are independent for both readers, so:
     after:   y = concat([x @ W0ᵀ, x @ W1ᵀ, …], -1)   e = Σᵢ where(aᵢ ≤ ids < bᵢ, take(Wᵢ, clip(ids − aᵢ)), 0)
 
 Runs before quantize_weights, which then quantizes each block as an ordinary weight; the size that
-must fit is the stored one (the policy's packed size for a quantized weight). The weight list
-gains {"rows": [a, b], "store": name} entries: the packager writes rows [a, b) of the transformers
-tensor under `store`. Any other reader of a split weight is an error.
+must fit is the stored one (the policy's packed size for a quantized weight). Each block is a
+weight record of its own, with `rows` [a, b) and a stored name of its own: the packager writes
+rows [a, b) of the weight under that name. Any other reader of a split weight is an error.
 """
 from __future__ import annotations
 
@@ -82,26 +82,26 @@ class _Rewriter(relax.PyExprMutator):
         return total
 
 
-def run(mod: tvm.IRModule, weights: list[dict], limit: int, policy, layouts,
-        functions=("prefill", "decode")) -> tuple[tvm.IRModule, list[dict], PassReport]:
+def run(mod: tvm.IRModule, weights: list, limit: int, policy, layouts,
+        functions=("prefill", "decode")) -> tuple[tvm.IRModule, list, PassReport]:
     """Returns the module, the new weight list and the report (matched = readers rewritten)."""
     report = PassReport(NAME)
 
     def replace(var, w):
-        shape = [int(d) for d in var.ty.shape]
-        size = stored_bytes(w["name"], shape, var.ty.dtype, policy, layouts) if len(shape) == 2 else 0
+        shape = list(w.shape)
+        size = stored_bytes(w.weight, shape, w.dtype, policy, layouts) if len(shape) == 2 else 0
         if size <= limit:
             return None
         per = limit // math.ceil(size / shape[0])  # rows per block (each row's share rounded up)
         if per < 1:
-            raise InternalError(f"{NAME}: one row of {w['name']} exceeds the binding limit {limit}")
+            raise InternalError(f"{NAME}: one row of {w.weight} exceeds the binding limit {limit}")
         per = math.ceil(shape[0] / math.ceil(shape[0] / per))  # the same blocks, evened out
         blocks, records = [], []
         for a in range(0, shape[0], per):
             b = min(a + per, shape[0])
-            store = f"{w['name']}.rows{a}-{b}"
+            store = f"{w.weight}.rows{a}-{b}"
             blocks.append((a, b, relax.Var(store, relax.TensorType([b - a, shape[1]], var.ty.dtype))))
-            records.append({**w, "rows": [a, b], "store": store})
+            records.append(w.replace(rows=(a, b), name=store, shape=(b - a, shape[1])))
         return blocks, [block for _, _, block in blocks], records
 
     mod, new_weights, report.matched = rewrite_weight_inputs(mod, weights, functions, NAME, "the whole of",

@@ -77,7 +77,7 @@ class Session:
     def __init__(self, folder: str | Path, verify: bool = True):
         self.folder = Path(folder)
         self.manifest = m = read_manifest(self.folder, verify=verify)  # hashes checked before any load
-        if m["target"]["device"] == "cpu" and not m["target"].get("runnable_here", True):
+        if m["target"]["device"] == "cpu" and m["target"].get("cross", False):
             raise UserError(f"{self.folder}: built for {m['target']['spec']}; it does not run on this machine")
         backend = m.get("backend", "tvm")
         if backend not in ENGINES:

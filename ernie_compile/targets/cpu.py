@@ -3,6 +3,10 @@
 Host builds are a shared library the runtime loads directly. Cross builds (aarch64-linux-android,
 arm64-apple-ios, …) cannot be linked here without that platform's linker, so they ship the object
 files in a tar (`lib.tar`), as MLC-LLM does for iOS: the app links them.
+
+TVM's default CPU pipeline leaves matmuls scalar and single-threaded, so every linear layer is
+first replaced by a kernel of ours (passes/lower_linear_to_kernel.py, cpu_kernels.py), and the
+paged KV cache's attention and RoPE kernels by ours (cpu_attention.py).
 """
 from __future__ import annotations
 
@@ -13,57 +17,45 @@ import tvm
 
 from ..errors import UserError
 from . import cpu_kernels
+from .base import Built, Target
+
+
+def _llvm(triple: str | None, mcpu: str | None, spec: str) -> tvm.target.Target:
+    desc = {"kind": "llvm"}
+    if triple:
+        desc["mtriple"] = triple
+    if mcpu:
+        desc["mcpu"] = mcpu
+    try:
+        return tvm.target.Target(desc)
+    except Exception as e:  # TVM reports unknown triples as generic errors
+        raise UserError(f"target {spec!r}: LLVM does not accept it ({str(e).splitlines()[0]})") from None
 
 
 @dataclass(frozen=True)
-class CpuTarget:
-    name = "cpu"
-    dtypes = ("float32",)  # activation / float-weight dtypes, the default first
-    device = "cpu"  # the runtime device type for artifacts of this target
-    kernels = cpu_kernels  # the kernels our passes call (linear, dequantizing, MoE, attention)
-    triple: str | None = None  # None: this machine
-    mcpu: str | None = None
-
+class CpuTarget(Target):
     @classmethod
     def from_spec(cls, triple: str | None) -> "CpuTarget":
-        if triple is None:
-            return cls(None, tvm.target.codegen.llvm_get_system_cpu())
-        return cls(triple)
+        spec = "cpu" + (f":{triple}" if triple else "")
+        target = _llvm(triple, None if triple else tvm.target.codegen.llvm_get_system_cpu(), spec)
+        return cls(
+            spec=spec, device="cpu", backend="tvm", tvm=target, dtypes=("float32",),
+            scale_dtypes={"float32": "float16"}, kernels=cpu_kernels, kv_cache="paged", index_dtype="int64",
+            quant_layouts=("vnni16", "lanes16", "row"), static_m=False,  # one linear_q serves every M
+            # the int8-activation kernels (cpu_vnni.py) need AVX-512 VNNI
+            int8_dot=bool(tvm.target.codegen.target_has_features("avx512vnni", target)),
+            max_binding_bytes=None, native_ops=frozenset({"silu_mul"}), tunable=tuple(cpu_kernels.TUNABLE),
+            library_name="lib.tar" if triple else "lib.so", cross=triple is not None)
 
-    @property
-    def spec(self) -> str:
-        return self.name + (f":{self.triple}" if self.triple else "")
+    def runs_here(self) -> bool:
+        return not self.cross
 
-    @property
-    def runnable_here(self) -> bool:
-        return self.triple is None
-
-    @property
-    def library_name(self) -> str:
-        return "lib.so" if self.runnable_here else "lib.tar"
-
-    def tvm_target(self) -> tvm.target.Target:
-        desc = {"kind": "llvm"}
-        if self.triple:
-            desc["mtriple"] = self.triple
-        if self.mcpu:
-            desc["mcpu"] = self.mcpu
-        try:
-            return tvm.target.Target(desc)
-        except Exception as e:  # TVM reports unknown triples as generic errors
-            raise UserError(f"target {self.spec!r}: LLVM does not accept it ({str(e).splitlines()[0]})") from None
-
-    @property
-    def int8_dot(self) -> bool:
-        """Whether the CPU has AVX-512 VNNI, which the int8-activation kernels (cpu_vnni.py) need."""
-        return bool(tvm.target.codegen.target_has_features("avx512vnni", self.tvm_target()))
-
-    def passes(self, mod: tvm.IRModule, tuner=None):
-        """Target-specific Relax passes before the build: linears onto our scheduled kernels, with
-        the schedule parameters `tuner` (compiler/tuning.py) picks, else the defaults."""
+    def passes(self, mod: tvm.IRModule, tuner):
+        """Linears onto our scheduled kernels, with the schedule parameters `tuner`
+        (compiler/tuning.py) picks, else the defaults."""
         from ..passes import lower_linear_to_kernel
 
-        tunable, target = cpu_kernels.TUNABLE["linear"], str(self.tvm_target())
+        tunable, target = cpu_kernels.TUNABLE["linear"], str(self.tvm)
 
         def make(n, k, dtype):
             key = {"target": target, "kernel": "linear", "shape": [n, k], "dtype": str(dtype), "quant": None}
@@ -73,10 +65,9 @@ class CpuTarget:
         mod, report = lower_linear_to_kernel.run(mod, make)
         return mod, [report]
 
-    def build(self, mod: tvm.IRModule, out_dir: Path) -> tuple[Path, dict]:
+    def build(self, mod: tvm.IRModule, out_dir: Path, max_seq_len: int) -> Built:
         """Compile with TVM's default CPU pipeline; write the library into out_dir."""
-        target = self.tvm_target()
-        executable = tvm.compile(mod, target=target)
+        executable = tvm.compile(mod, target=self.tvm)
         path = out_dir / self.library_name
         executable.export_library(str(path))
-        return path, {}
+        return Built(path, {})

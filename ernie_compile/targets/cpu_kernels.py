@@ -18,15 +18,10 @@ import math
 import numpy as np
 from tvm.script import tirx as T
 
-SPECIALIZE_STATIC_M = False  # one linear_q kernel serves every M (decode and prefill alike)
-QUANT_LAYOUTS = ("vnni16", "lanes16", "row")  # packed-weight layouts the kernels read, preferred first
-
-
 LOG2E = math.log2(math.e)
 # 2**f on |f| <= 1/2: 1 + f·P(f), P's coefficients highest power first (Cephes' exp2f)
 EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
              2.402264791363012e-1, 6.931472028550421e-1)
-
 
 def exp2(x):
     """2**x in float32 without libm, which LLVM would call lane by lane: 2**n from the exponent bits
@@ -41,11 +36,9 @@ def exp2(x):
     two_n = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
     return T.if_then_else(x < T.float32(-126), T.float32(0), (p * f + T.float32(1)) * two_n)
 
-
 def vector_width(k: int) -> int:
     """Lanes of the accumulators: the widest of 16/8/4/1 that divides the reduction length."""
     return next(v for v in (16, 8, 4, 1) if k % v == 0)
-
 
 def _gemm_columns(k: int, jb: int, dtype: str, ib: int = 4):
     """A TIR macro: y[:, col:col+jb] = x[M, K] · w[wrow:wrow+jb, K]ᵀ. Blocks of ib rows of x × jb weight
@@ -86,7 +79,6 @@ def _gemm_columns(k: int, jb: int, dtype: str, ib: int = 4):
 
     return gemm_columns
 
-
 def linear(n: int, k: int, dtype: str = "float32", ib: int = 4, jb: int = 4):
     """y[M, N] = x[M, K] · w[N, K]ᵀ, M symbolic, parallel over blocks of jb output columns
     (_gemm_columns, ib rows of x at a time); decode (M = 1) streams each weight row once.
@@ -105,24 +97,66 @@ def linear(n: int, k: int, dtype: str = "float32", ib: int = 4, jb: int = 4):
 
     return cpu_linear
 
-
 def _code(qw, row, word, v, bits: int, dtype: str):
     """The v-th code of packed word qw[*row, word], as a float. `row` indexes all leading axes."""
     return T.cast(T.bitwise_and(T.shift_right(qw[(*_tuple(row), word)], T.cast(v * bits, "uint32")),
                                 T.uint32((1 << bits) - 1)), dtype)
 
-
 def _tuple(row):
     return row if isinstance(row, tuple) else (row,)
 
-
 def _lanes16(qw, qs, qm, row, b, p, v, spec, dtype: str):
-    """Element b·16P + p·16 + v of a "lanes16" row (compiler/quantize.py), dequantized: a 16-lane
+    """Element b·16P + p·16 + v of a "lanes16" row (ernie_compile/quant.py), dequantized: a 16-lane
     load of word block b, one shift by p, the group's scale and offset broadcast."""
     per, group = spec.per_word, spec.group_size
     g = (b * 16 * per + p * 16) // group
     return (_code(qw, row, b * 16 + v, p, spec.bits, dtype) * T.cast(qs[(*_tuple(row), g)], dtype)
             + T.cast(qm[(*_tuple(row), g)], dtype))
+
+def _dequant_macros(k: int, spec, dtype: str):
+    """The two ways our kernels read a quantized weight row `row` (an index of every leading axis):
+    `dot` dequantizes a lanes16 row in registers straight into y[i, j] = x[i, :] · W[row], and
+    `to_rows` dequantizes any layout into rows[r, :] once, for a float GEMM tile to reuse."""
+    bits, per, group = spec.bits, spec.per_word, spec.group_size
+    words, groups = spec.words(k), k // group
+    aligned = group % per == 0
+
+    @T.macro
+    def dot(x, i, qw, qs, qm, row, y, j):
+        acc = T.decl_buffer((16,), dtype)
+        for v in T.vectorized(16):
+            acc[v] = T.cast(0, dtype)
+        for b in range(k // (16 * per)):
+            for p in T.unroll(per):
+                for v in T.vectorized(16):
+                    acc[v] = acc[v] + x[i, b * 16 * per + p * 16 + v] * _lanes16(qw, qs, qm, row, b, p, v, spec, dtype)
+        y[i, j] = T.cast(0, dtype)
+        for v in range(16):
+            y[i, j] = y[i, j] + acc[v]
+
+    @T.macro
+    def to_rows(qw, qs, qm, row, rows, r):
+        if spec.layout == "lanes16":
+            for b in range(k // (16 * per)):
+                for p in T.unroll(per):
+                    for v in T.vectorized(16):
+                        rows[r, b * 16 * per + p * 16 + v] = _lanes16(qw, qs, qm, row, b, p, v, spec, dtype)
+        elif aligned:  # whole words per group
+            for g in range(groups):
+                for wg in range(group // per):
+                    for v in T.vectorized(per):
+                        rows[r, g * group + wg * per + v] = (
+                            _code(qw, row, g * (group // per) + wg, v, bits, dtype)
+                            * T.cast(qs[(*_tuple(row), g)], dtype) + T.cast(qm[(*_tuple(row), g)], dtype))
+        else:  # 3-bit: groups straddle words
+            for wi in range(words):
+                for v in T.vectorized(per):
+                    rows[r, wi * per + v] = (
+                        _code(qw, row, wi, v, bits, dtype)
+                        * T.cast(qs[(*_tuple(row), T.min((wi * per + v) // group, groups - 1))], dtype)
+                        + T.cast(qm[(*_tuple(row), T.min((wi * per + v) // group, groups - 1))], dtype))
+
+    return dot, to_rows
 
 
 def _word_and_slot(c, spec):
@@ -133,10 +167,9 @@ def _word_and_slot(c, spec):
         return block * 16 + rest % 16, rest // 16
     return c // per, c % per
 
-
 def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None):
     """y[M, N] = x[M, K] · dequant(W)ᵀ with W stored as packed codes + group scales/offsets
-    (compiler/quantize.py). "vnni16" weights: int8 activations and VNNI dot products
+    (ernie_compile/quant.py). "vnni16" weights: int8 activations and VNNI dot products
     (targets/cpu_vnni.py). Decode (M = 1, lanes16) dequantizes in registers inside the dot
     product; otherwise each task dequantizes 4 weight rows into a buffer and runs the float GEMM
     tile (_gemm_columns) over all M rows. No full-precision weight matrix exists at any time."""
@@ -144,10 +177,9 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None)
         from .cpu_vnni import linear_q_vnni
 
         return linear_q_vnni(n, k, spec)
-    bits, per, group = spec.bits, spec.per_word, spec.group_size
-    words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
-    aligned = group % per == 0
+    per, words, groups, sdt = spec.per_word, spec.words(k), k // spec.group_size, spec.scale_dtype
     lanes16 = spec.layout == "lanes16"
+    dot, to_rows = _dequant_macros(k, spec, dtype)
     rows_per_task = next(r for r in (16, 8, 4, 2, 1) if n % r == 0)
     jb = 4 if n % 4 == 0 else 1
     gemm_columns = _gemm_columns(k, jb, dtype)
@@ -165,45 +197,15 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None)
         if lanes16 and m == 1:  # decode: dequantize in registers, straight into the dot product
             for jo in T.parallel(n // rows_per_task):
                 for jj in range(rows_per_task):
-                    acc = T.decl_buffer((16,), dtype)
-                    for v in T.vectorized(16):
-                        acc[v] = T.cast(0, dtype)
-                    for b in range(k // (16 * per)):
-                        for p in T.unroll(per):
-                            for v in T.vectorized(16):
-                                acc[v] = acc[v] + x[0, b * 16 * per + p * 16 + v] * _lanes16(
-                                    qw, qs, qm, J(jo, jj), b, p, v, spec, dtype)
-                    y[0, J(jo, jj)] = T.cast(0, dtype)
-                    for v in range(16):
-                        y[0, J(jo, jj)] = y[0, J(jo, jj)] + acc[v]
+                    dot(x, 0, qw, qs, qm, J(jo, jj), y, J(jo, jj))
         else:  # prefill (and row layouts): dequantize jb weight rows once, then the float GEMM tile
             for jo in T.parallel(n // jb):
                 rows = T.decl_buffer((jb, words * per), dtype, scope="local")
                 for jj in range(jb):
-                    if lanes16:
-                        for b in range(k // (16 * per)):
-                            for p in T.unroll(per):
-                                for v in T.vectorized(16):
-                                    rows[jj, b * 16 * per + p * 16 + v] = _lanes16(qw, qs, qm, jo * jb + jj, b, p, v,
-                                                                                  spec, dtype)
-                    elif aligned:  # whole words per group
-                        for g in range(groups):
-                            for wg in range(group // per):
-                                for v in T.vectorized(per):
-                                    rows[jj, g * group + wg * per + v] = (
-                                        _code(qw, jo * jb + jj, g * (group // per) + wg, v, bits, dtype)
-                                        * T.cast(qs[jo * jb + jj, g], dtype) + T.cast(qm[jo * jb + jj, g], dtype))
-                    else:  # 3-bit: groups straddle words
-                        for wi in range(words):
-                            for v in T.vectorized(per):
-                                rows[jj, wi * per + v] = (
-                                    _code(qw, jo * jb + jj, wi, v, bits, dtype)
-                                    * T.cast(qs[jo * jb + jj, T.min((wi * per + v) // group, groups - 1)], dtype)
-                                    + T.cast(qm[jo * jb + jj, T.min((wi * per + v) // group, groups - 1)], dtype))
+                    to_rows(qw, qs, qm, jo * jb + jj, rows, jj)
                 gemm_columns(x, rows, 0, y, jo * jb, m)
 
     return cpu_linear_q
-
 
 def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
     """Embedding lookup from a quantized table: out[T, D] = dequant(W[ids[t]])."""
@@ -227,7 +229,6 @@ def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
                              * T.cast(qs[ids[i], c // group], dtype) + T.cast(qm[ids[i], c // group], dtype))
 
     return cpu_take_q
-
 
 def group_gemm(num_experts: int, n: int, k: int, dtype: str, index_dtype: str = "int64"):
     """y[i, :] = w[e] @ x[i, :] for the rows i in expert e's segment [indptr[e], indptr[e+1]).
@@ -261,17 +262,15 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str, index_dtype: str = 
 
     return moe_group_gemm
 
-
 def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32", index_dtype: str = "int64"):
-    """group_gemm over quantized expert weights (compiler/quantize.py, per expert and row). lanes16
+    """group_gemm over quantized expert weights (ernie_compile/quant.py, per expert and row). lanes16
     rows are dequantized in registers inside each row's dot product; other layouts dequantize a
     weight row once into a buffer and reuse it for the expert's rows. Experts with empty segments
     are neither read nor dequantized."""
-    bits, per, group = spec.bits, spec.per_word, spec.group_size
-    words, groups, sdt = spec.words(k), k // spec.group_size, spec.scale_dtype
+    per, words, groups, sdt = spec.per_word, spec.words(k), k // spec.group_size, spec.scale_dtype
     vw = vector_width(k)
-    aligned = group % per == 0
     lanes16 = spec.layout == "lanes16"
+    dot, to_rows = _dequant_macros(k, spec, dtype)
 
     @T.prim_func(private=True)
     def moe_group_gemm_q(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), "int64"), var_expert_ids: T.handle,
@@ -285,49 +284,25 @@ def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32",
             for j in T.parallel(n):
                 for e in range(num_experts):
                     for i in T.serial(indptr[e], indptr[e + 1]):
-                        acc = T.decl_buffer((16,), dtype)
-                        for v in T.vectorized(16):
-                            acc[v] = T.cast(0, dtype)
-                        for b in range(k // (16 * per)):
-                            for p in T.unroll(per):
-                                for v in T.vectorized(16):
-                                    acc[v] = acc[v] + x[i, b * 16 * per + p * 16 + v] * _lanes16(
-                                        qw, qs, qm, (e, j), b, p, v, spec, dtype)
-                        y[i, j] = T.cast(0, dtype)
-                        for v in range(16):
-                            y[i, j] = y[i, j] + acc[v]
+                        dot(x, i, qw, qs, qm, (e, j), y, j)
         else:
             for j in T.parallel(n):
-                row = T.decl_buffer((words * per,), dtype, scope="local")
+                row = T.decl_buffer((1, words * per), dtype, scope="local")
                 for e in range(num_experts):
                     if indptr[e + 1] > indptr[e]:
-                        if aligned:  # whole words per group
-                            for g in range(groups):
-                                for wg in range(group // per):
-                                    for v in T.vectorized(per):
-                                        row[g * group + wg * per + v] = (
-                                            _code(qw, (e, j), g * (group // per) + wg, v, bits, dtype)
-                                            * T.cast(qs[e, j, g], dtype) + T.cast(qm[e, j, g], dtype))
-                        else:  # 3-bit: groups straddle words
-                            for wi in range(words):
-                                for v in T.vectorized(per):
-                                    row[wi * per + v] = (
-                                        _code(qw, (e, j), wi, v, bits, dtype)
-                                        * T.cast(qs[e, j, T.min((wi * per + v) // group, groups - 1)], dtype)
-                                        + T.cast(qm[e, j, T.min((wi * per + v) // group, groups - 1)], dtype))
+                        to_rows(qw, qs, qm, (e, j), row, 0)
                         for i in T.serial(indptr[e], indptr[e + 1]):
                             acc = T.decl_buffer((vw,), dtype)
                             for v in T.vectorized(vw):
                                 acc[v] = T.cast(0, dtype)
                             for ko in range(k // vw):
                                 for v in T.vectorized(vw):
-                                    acc[v] = acc[v] + x[i, ko * vw + v] * row[ko * vw + v]
+                                    acc[v] = acc[v] + x[i, ko * vw + v] * row[0, ko * vw + v]
                             y[i, j] = T.cast(0, dtype)
                             for v in range(vw):
                                 y[i, j] = y[i, j] + acc[v]
 
     return moe_group_gemm_q
-
 
 def silu_mul(inter: int, dtype: str = "float32"):
     """out[M, I] = silu(h[:, :I]) · h[:, I:], h the gate|up projection (passes/fuse_gated_mlp.py):
@@ -359,7 +334,6 @@ def silu_mul(inter: int, dtype: str = "float32"):
 
     return cpu_silu_mul
 
-
 def kv_cache_overrides(*args) -> dict:
     """The kernels of TVM's paged KV cache to replace (targets/cpu_attention.py, which builds on this
     file's helpers)."""
@@ -367,12 +341,10 @@ def kv_cache_overrides(*args) -> dict:
 
     return overrides(*args)
 
-
 def _linear_inputs(key: dict, m: int, rng):
     n, k = key["shape"]
     return [rng.standard_normal((m, k)).astype(key["dtype"]), rng.standard_normal((n, k)).astype(key["dtype"]),
             np.zeros((m, n), key["dtype"])]
-
 
 # Kernels with schedule parameters (compiler/tuning.py): space, default, validity, build, inputs.
 TUNABLE = {

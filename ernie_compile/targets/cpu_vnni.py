@@ -1,5 +1,5 @@
 """Quantized linears with int8 activations on x86 AVX-512 VNNI (`vpdpbusd`: u8 × s8 → i32, 64
-multiply-adds per instruction), over weights in the "vnni16" layout (compiler/quantize.py).
+multiply-adds per instruction), over weights in the "vnni16" layout (ernie_compile/quant.py).
 
 Float dequantize-then-FMA needs ~3 vector instructions per 16 weights; at 4 bits and 2 cores that
 cannot keep up with memory (~17 weights per cycle per core). Here the activations are quantized

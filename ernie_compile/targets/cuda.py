@@ -24,6 +24,7 @@ import tvm
 
 from ..errors import UserError
 from . import gpu_build, gpu_kernels
+from .base import Built, Target
 
 DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # A100, RTX 30xx/A10, L4/RTX 40xx, H100
 FATBIN = "kernels.fatbin"
@@ -56,47 +57,44 @@ def nvcc_fatbin(code: str, archs: tuple[str, ...]) -> bytes:
         return out.read_bytes()
 
 
+def _cuda(arch: str) -> tvm.target.Target:
+    return tvm.target.Target({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
+                              "max_threads_per_block": 1024, "thread_warp_size": 32}, host="llvm")
+
+
 @dataclass(frozen=True)
-class CudaTarget:
-    name = "cuda"
-    dtypes = ("float16", "float32")  # activation / float-weight dtypes, the default first
-    device = "cuda"
-    kernels = gpu_kernels
-    library_name = "lib.so"
+class CudaTarget(Target):
     archs: tuple[str, ...] = DEFAULT_ARCHS
 
     @classmethod
     def from_spec(cls, archs: str | None) -> "CudaTarget":
-        return cls(_parse_archs(archs)) if archs else cls()
+        archs = _parse_archs(archs) if archs else DEFAULT_ARCHS
+        return cls(
+            spec=f"cuda:{','.join(archs)}", device="cuda", backend="tvm", tvm=_cuda(archs[0]),
+            dtypes=("float16", "float32"), scale_dtypes={"float16": "float16", "float32": "float16"},
+            kernels=gpu_kernels, kv_cache="paged", index_dtype="int64", quant_layouts=gpu_kernels.QUANT_LAYOUTS,
+            static_m=True,  # decode (M = 1) gets a GEMV, prefill a GEMM
+            int8_dot=False, max_binding_bytes=None, native_ops=frozenset(), tunable=(), library_name="lib.so",
+            cross=False, archs=archs)
 
-    @property
-    def spec(self) -> str:
-        return f"{self.name}:{','.join(self.archs)}"
-
-    @property
-    def runnable_here(self) -> bool:
+    def runs_here(self) -> bool:
         return _has_cuda_device()
 
-    def tvm_target(self, arch: str | None = None) -> tvm.target.Target:
-        return tvm.target.Target({"kind": "cuda", "arch": arch or self.archs[0], "max_shared_memory_per_block": 49152,
-                                  "max_threads_per_block": 1024, "thread_warp_size": 32}, host="llvm")
-
-    def passes(self, mod: tvm.IRModule, tuner=None):
+    def passes(self, mod: tvm.IRModule, tuner):
         return mod, []  # linears stay Relax matmuls: dlight's GEMV / Matmul rules schedule them
 
-    def build(self, mod: tvm.IRModule, out_dir: Path) -> tuple[Path, dict]:
-        target = self.tvm_target()
+    def build(self, mod: tvm.IRModule, out_dir: Path, max_seq_len: int) -> Built:
         # dlight's Matmul rule picks tensor-core tensorization for float16 from sm_70 on, and that
         # path crashes in this TVM wheel: schedule as for sm_60 (SIMT matmuls), build for the archs.
-        mod, kernels = gpu_build.schedule(mod, self.tvm_target(SCHEDULE_ARCH))
-        executable = gpu_build.lower_and_build(mod, target, kernels)
+        mod, kernels = gpu_build.schedule(mod, _cuda(SCHEDULE_ARCH))
+        executable = gpu_build.lower_and_build(mod, self.tvm, kernels)
         source = gpu_build.device_source(executable.mod, "cuda")
         (out_dir / FATBIN).write_bytes(nvcc_fatbin(source, self.archs))
         (out_dir / SOURCE).write_text(source)
         path = out_dir / self.library_name
         executable.export_library(str(path))
-        return path, {**kernels.as_dict(), "archs": list(self.archs), "fatbin": FATBIN, "source": SOURCE,
-                      "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
+        return Built(path, {**kernels.as_dict(), "archs": list(self.archs), "fatbin": FATBIN, "source": SOURCE,
+                            "source_sha256": hashlib.sha256(source.encode()).hexdigest()})
 
 
 def fatbin_entries(data: bytes) -> list[tuple[str, int]]:

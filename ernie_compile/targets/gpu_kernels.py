@@ -13,7 +13,6 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-SPECIALIZE_STATIC_M = True  # decode (M = 1) gets a GEMV, prefill a GEMM
 QUANT_LAYOUTS = ("row",)  # dlight's GEMV rule does not take the lanes16 index arithmetic
 
 
@@ -30,7 +29,7 @@ def kv_cache_overrides(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtyp
 
 
 def _code(qw, lead: tuple, c, spec):
-    """Code of element c of the packed row qw[*lead, :] (layouts in compiler/quantize.py), as uint32."""
+    """Code of element c of the packed row qw[*lead, :] (layouts in ernie_compile/quant.py), as uint32."""
     per, bits = spec.per_word, spec.bits
     if spec.layout == "lanes16":
         word, slot = c // (16 * per) * 16 + c % 16, c % (16 * per) // 16

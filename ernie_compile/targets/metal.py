@@ -24,6 +24,7 @@ import tvm
 
 from ..errors import UserError
 from . import gpu_build, gpu_kernels
+from .base import Built, Target
 
 TRIPLES = {"macos": "arm64-apple-macos", "ios": "arm64-apple-ios"}
 SHIM = Path(__file__).resolve().parents[1] / "assets" / "metal_shim"
@@ -31,32 +32,27 @@ MSL = "kernels.metal"  # the MSL source, for inspection (the library embeds the 
 
 
 @dataclass(frozen=True)
-class MetalTarget:
-    name = "metal"
-    device = "metal"
-    dtypes = ("float16", "float32")  # activation / float-weight dtypes, the default first
-    kernels = gpu_kernels
-    library_name = "lib.tar"
+class MetalTarget(Target):
     os: str = "macos"
 
     @classmethod
     def from_spec(cls, os: str | None) -> "MetalTarget":
         if os and os not in TRIPLES:
             raise UserError(f"--target metal:{os}: one of {', '.join(TRIPLES)}")
-        return cls(os or "macos")
+        os = os or "macos"
+        target = tvm.target.Target({"kind": "metal", "max_threads_per_block": 1024, "thread_warp_size": 32,
+                                    "max_shared_memory_per_block": 32768},
+                                   host={"kind": "llvm", "mtriple": TRIPLES[os]})
+        return cls(
+            spec=f"metal:{os}", device="metal", backend="tvm", tvm=target, dtypes=("float16", "float32"),
+            scale_dtypes={"float16": "float16", "float32": "float16"}, kernels=gpu_kernels, kv_cache="paged",
+            index_dtype="int64", quant_layouts=gpu_kernels.QUANT_LAYOUTS, static_m=True, int8_dot=False,
+            max_binding_bytes=None, native_ops=frozenset(), tunable=(), library_name="lib.tar",
+            cross=True,  # arm64 Mach-O objects for an app to link; no Apple GPU is attached to this Linux build
+            os=os)
 
-    @property
-    def spec(self) -> str:
-        return f"{self.name}:{self.os}"
-
-    @property
-    def runnable_here(self) -> bool:
-        return False  # an Apple GPU is never attached to this Linux build
-
-    def tvm_target(self) -> tvm.target.Target:
-        return tvm.target.Target({"kind": "metal", "max_threads_per_block": 1024, "thread_warp_size": 32,
-                                  "max_shared_memory_per_block": 32768},
-                                 host={"kind": "llvm", "mtriple": TRIPLES[self.os]})
+    def runs_here(self) -> bool:
+        return False
 
     def schedule_target(self) -> tvm.target.Target:
         """dlight's Matmul rule crashes under a metal target in this TVM wheel (tensorization), and its
@@ -64,18 +60,18 @@ class MetalTarget:
         with WebGPU's conservative rules (256 threads, scalar loads), which Metal builds."""
         return tvm.target.Target({"kind": "webgpu", "max_num_threads": 256}, host="llvm")
 
-    def passes(self, mod: tvm.IRModule, tuner=None):
+    def passes(self, mod: tvm.IRModule, tuner):
         return mod, []  # linears stay Relax matmuls: dlight's GEMV / Matmul rules schedule them
 
-    def build(self, mod: tvm.IRModule, out_dir: Path) -> tuple[Path, dict]:
+    def build(self, mod: tvm.IRModule, out_dir: Path, max_seq_len: int) -> Built:
         mod, kernels = gpu_build.schedule(mod, self.schedule_target())
-        executable = gpu_build.lower_and_build(mod, self.tvm_target(), kernels)
+        executable = gpu_build.lower_and_build(mod, self.tvm, kernels)
         source = gpu_build.device_source(executable.mod, "metal")
         (out_dir / MSL).write_text(source)
         path = out_dir / self.library_name
         executable.export_library(str(path))
-        return path, {**kernels.as_dict(), "msl": MSL, "host_triple": TRIPLES[self.os],
-                      "msl_syntax_check": msl_syntax_check(source)}
+        return Built(path, {**kernels.as_dict(), "msl": MSL, "host_triple": TRIPLES[self.os],
+                            "msl_syntax_check": msl_syntax_check(source)})
 
 
 def msl_syntax_check(source: str) -> str:

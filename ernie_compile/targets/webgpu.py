@@ -20,127 +20,142 @@ import numpy as np
 import tvm
 
 from ..errors import InternalError, UserError
-from . import gpu_build, webgpu_kernels
+from . import gpu_build, gpu_kernels, webgpu_kernels, webgpu_plan
+from .base import Built, Target
 
 WEB = Path(__file__).resolve().parents[1] / "web"  # index.html + ernie-webgpu.js, copied into artifacts
 PLAN = "plan.json"
-_CONSTANTS = "constants.npz"  # between build and finish only
 PREFILL_CHUNK = 128  # largest T a prefill call takes (hosts split longer prompts): sizes scratch buffers
 SHARD_BYTES = 64 << 20  # weight file size (a tensor larger than this gets a shard of its own)
-ALIGN = 256  # WebGPU's minStorageBufferOffsetAlignment: a host may bind one buffer per shard
 DEFAULT_BINDING_LIMIT = 128 << 20  # maxStorageBufferBindingSize every WebGPU adapter grants
 
 
 @dataclass(frozen=True)
-class WebGpuTarget:
-    name = "webgpu"
-    device = "webgpu"
-    backend = "webgpu"  # manifest backend: the runtime's WebGPU engine, not TVM's VM
-    dtypes = ("float32", "float16")  # float16 needs the adapter's shader-f16
-    kernels = webgpu_kernels
-    library_name = PLAN
+class WebGpuTarget(Target):
     adapter: str = "any"  # "vulkan" for --target vulkan: the backend the runtime asks wgpu for
-    # weights over this are stored as row blocks (passes/split_large_weights.py): every WebGPU
-    # adapter grants 128 MiB bindings, many (phones, lavapipe) no more
-    max_binding_bytes: int = DEFAULT_BINDING_LIMIT
-
-    @staticmethod
-    def scale_dtype(dtype: str) -> str:
-        """Group scales of quantized weights: float16 only where the kernels compute in float16
-        anyway — a float16 scale needs shader-f16, which many adapters lack (SwiftShader, older phones)."""
-        return "float16" if dtype == "float16" else "float32"
 
     @classmethod
-    def from_spec(cls, detail: str | None) -> "WebGpuTarget":
+    def from_spec(cls, detail: str | None, name: str = "webgpu", adapter: str = "any") -> "WebGpuTarget":
         if detail:
-            raise UserError(f"--target {cls.name}:{detail}: this target takes no detail")
-        return cls()
+            raise UserError(f"--target {name}:{detail}: this target takes no detail")
+        return cls(
+            spec=name, device="webgpu", backend="webgpu",  # the runtime's WebGPU engine, not TVM's VM
+            tvm=tvm.target.Target({"kind": "webgpu", "max_num_threads": 256}, host="llvm"),
+            dtypes=("float32", "float16"),  # float16 needs the adapter's shader-f16
+            # a float16 scale needs shader-f16, which many adapters lack (SwiftShader, older phones):
+            # float16 scales only where the kernels compute in float16 anyway
+            scale_dtypes={"float32": "float32", "float16": "float16"},
+            kernels=webgpu_kernels, kv_cache="contiguous",  # no C++ runtime objects on a browser's host
+            index_dtype="int32",  # WGSL has no 64-bit integers
+            quant_layouts=gpu_kernels.QUANT_LAYOUTS, static_m=True, int8_dot=False,
+            # weights over this are stored as row blocks (passes/split_large_weights.py): every WebGPU
+            # adapter grants 128 MiB bindings, many (phones, lavapipe) no more
+            max_binding_bytes=DEFAULT_BINDING_LIMIT,
+            native_ops=frozenset({"moe_route"}),  # no GPU sort it can run: routing by our kernel
+            tunable=(), library_name=PLAN, cross=False, adapter=adapter)
 
-    @property
-    def spec(self) -> str:
-        return self.name
-
-    @property
-    def runnable_here(self) -> bool:
+    def runs_here(self) -> bool:
         from ..runtime.webgpu_engine import adapter_problem
 
         return adapter_problem(self.adapter) is None
 
-    def tvm_target(self) -> tvm.target.Target:
-        return tvm.target.Target({"kind": "webgpu", "max_num_threads": 256}, host="llvm")
-
-    def passes(self, mod: tvm.IRModule, tuner=None):
+    def passes(self, mod: tvm.IRModule, tuner):
         return mod, []  # linears stay Relax matmuls: dlight's GEMV / Matmul rules schedule them
 
-    def build(self, mod: tvm.IRModule, out_dir: Path, max_seq_len: int = 0) -> tuple[Path, dict]:
-        """Kernels (kernels/*.wgsl) and the plan (plan.json); weights are placed by `finish`."""
+    def build(self, mod: tvm.IRModule, out_dir: Path, max_seq_len: int) -> Built:
+        """Kernels (kernels/*.wgsl) and the launch plan; `write_weights` places the weights in it and
+        writes plan.json."""
         from . import webgpu_plan
 
-        target = self.tvm_target()
-        mod, report = gpu_build.schedule(mod, target)
+        mod, report = gpu_build.schedule(mod, self.tvm)
         if report.unscheduled:
-            gpu_build.lower_and_build(mod, target, report)  # raises, naming the kernels
+            gpu_build.lower_and_build(mod, self.tvm, report)  # raises, naming the kernels
         chunk = min(PREFILL_CHUNK, max_seq_len)
-        plan, sources, constants = webgpu_plan.build(mod, target, {"T": (1, chunk)}, max_seq_len)
+        plan, sources, constants = webgpu_plan.build(mod, self.tvm, {"T": (1, chunk)}, max_seq_len)
         plan["adapter"] = self.adapter
         plan["features"] = ["shader-f16"] if any("f16" in w for w in sources.values()) else []
         (out_dir / "kernels").mkdir()
         for name, wgsl in sources.items():
             (out_dir / plan["kernels"][name]["wgsl"]).write_text(wgsl)
-        np.savez(out_dir / _CONSTANTS, *constants)
-        (out_dir / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
         for f in ("index.html", "ernie-webgpu.js"):
             shutil.copyfile(WEB / f, out_dir / f)
-        return out_dir / PLAN, {**report.as_dict(), "launches": {f: len(p["launches"])
-                                                                  for f, p in plan["functions"].items()}}
+        launches = {f: len(p["launches"]) for f, p in plan["functions"].items()}
+        return Built(out_dir / PLAN, {**report.as_dict(), "launches": launches},
+                     {"plan": plan, "constants": constants})
 
-    def finish(self, out_dir: Path, weights_file: Path, order: list[str], tokenizer: dict) -> dict:
-        """Move the weights (safetensors, in `order`) and the plan's constants into raw shards at
-        256-byte-aligned offsets; name and place every weight buffer in the plan. → manifest "weights"
-        (with a "warning" when a tensor exceeds the binding size every adapter grants)."""
-        from safetensors.numpy import load_file
+    def write_weights(self, out_dir: Path, records, source, built: Built, log):
+        """Every weight buffer of the plan as raw bytes in shards of about SHARD_BYTES, at 256-byte
+        aligned offsets (a host may bind one buffer per shard), produced record by record; the plan
+        learns each buffer's name, shard and offset and is written."""
+        from ..compiler import package
+        from ..passes.weight_records import stored_tensors
 
-        plan = json.loads((out_dir / PLAN).read_text())
-        arrays = load_file(str(weights_file))
-        with np.load(out_dir / _CONSTANTS) as f:
-            constants = [f[f"arr_{i}"] for i in range(len(f.files))]
-        shards, current, offset = [], None, 0
-        for b in plan["buffers"]:
-            if b["kind"] != "weight":
-                continue
-            if "param" in b:
-                b["name"] = order[b.pop("param")]
-                data = np.ascontiguousarray(arrays[b["name"]]).view(np.uint8).reshape(-1)
-            else:
-                data = np.ascontiguousarray(constants[b.pop("constant")]).view(np.uint8).reshape(-1)
+        plan, constants = built.state["plan"], built.state["constants"]
+        stored = stored_tensors(records)
+        weight_buffers = [b for b in plan["buffers"] if b["kind"] == "weight"]
+        by_param = {b["param"]: b for b in weight_buffers if "param" in b}
+        by_name = {}
+        for i, t in enumerate(stored):
+            if i in by_param:
+                by_param[i]["name"] = t.name
+                by_name[t.name] = by_param.pop(i)
+                del by_name[t.name]["param"]
+        if by_param:
+            raise InternalError(f"webgpu: the plan reads weight inputs {sorted(by_param)} beyond the {len(stored)} stored")
+        shards = _Shards(out_dir)
+
+        def place(b: dict, data: np.ndarray) -> None:
+            data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
             if data.nbytes != b["bytes"]:
                 raise InternalError(f"webgpu: weight {b['name']} has {data.nbytes} bytes, the plan expects {b['bytes']}")
-            if current is None or (offset and offset + data.nbytes > SHARD_BYTES):
-                if current:
-                    current.close()
-                shards.append({"file": f"weights-{len(shards):05d}.bin", "bytes": 0})
-                current, offset = open(out_dir / shards[-1]["file"], "wb"), 0
-            current.write(b"\0" * (-offset % ALIGN))
-            offset += -offset % ALIGN
-            b["shard"], b["offset"] = len(shards) - 1, offset
-            current.write(data.tobytes())
-            offset += data.nbytes
-            shards[-1]["bytes"] = offset
-        if current:
-            current.close()
-        plan["shards"] = shards
+            b["shard"], b["offset"] = shards.write(data)
+
+        errors = {}
+        for record in records:
+            for t, data in package.produce(record, source, errors):
+                if t.name in by_name:  # a weight no kernel reads (dead after fusion) is not stored
+                    place(by_name[t.name], data)
+        for b in weight_buffers:
+            if "constant" in b:
+                place(b, constants[b.pop("constant")])
+        plan["shards"] = shards.close()
         (out_dir / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
-        weights_file.unlink()
-        (out_dir / _CONSTANTS).unlink()
-        _write_vocab(out_dir, tokenizer)
-        stored = {"shards": [s["file"] for s in shards], "tensors": sum(1 for b in plan["buffers"] if b["kind"] == "weight")}
-        largest = max((b for b in plan["buffers"] if b["kind"] == "weight"), key=lambda b: b["bytes"])
+        entry = {"shards": [s["file"] for s in plan["shards"]], "tensors": len(weight_buffers)}
+        largest = max(weight_buffers, key=lambda b: b["bytes"])
         if largest["bytes"] > DEFAULT_BINDING_LIMIT:
-            stored["warning"] = (
-                f"webgpu: {largest['name']} is {largest['bytes'] / 2**20:.0f} MiB, over WebGPU's default storage-binding "
+            log(f"  webgpu: {largest['name']} is {largest['bytes'] / 2**20:.0f} MiB, over WebGPU's default storage-binding "
                 f"limit ({DEFAULT_BINDING_LIMIT >> 20} MiB); adapters at the default (phones, lavapipe) will refuse this "
                 "artifact — fewer --bits make it smaller")
-        return stored
+        return entry, errors
+
+    def write_host_files(self, out_dir: Path, tokenizer: dict) -> None:
+        _write_vocab(out_dir, tokenizer)
+
+
+class _Shards:
+    """Raw weight files of about SHARD_BYTES each (a larger tensor gets one of its own)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.shards, self.file, self.offset = out_dir, [], None, 0
+
+    def write(self, data: np.ndarray) -> tuple[int, int]:
+        if self.file is None or (self.offset and self.offset + data.nbytes > SHARD_BYTES):
+            if self.file:
+                self.file.close()
+            self.shards.append({"file": f"weights-{len(self.shards):05d}.bin", "bytes": 0})
+            self.file, self.offset = open(self.out_dir / self.shards[-1]["file"], "wb"), 0
+        pad = -self.offset % webgpu_plan.ALIGN
+        self.file.write(b"\0" * pad)
+        offset = self.offset + pad
+        self.file.write(data.tobytes())
+        self.offset = offset + data.nbytes
+        self.shards[-1]["bytes"] = self.offset
+        return len(self.shards) - 1, offset
+
+    def close(self) -> list[dict]:
+        if self.file:
+            self.file.close()
+        return self.shards
 
 
 def _write_vocab(out_dir: Path, tokenizer: dict) -> None:
@@ -154,7 +169,6 @@ def _write_vocab(out_dir: Path, tokenizer: dict) -> None:
         tokenizer.update(vocab="vocab.json", strip_leading_space=True)  # as SentencePiece's decode does
 
 
-@dataclass(frozen=True)
-class VulkanTarget(WebGpuTarget):
-    name = "vulkan"
-    adapter: str = "vulkan"
+def vulkan_from_spec(detail: str | None) -> WebGpuTarget:
+    """`--target vulkan`: the WebGPU artifact, run by wgpu's Vulkan backend."""
+    return WebGpuTarget.from_spec(detail, name="vulkan", adapter="vulkan")

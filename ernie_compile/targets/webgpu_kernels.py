@@ -19,11 +19,9 @@ import math
 
 from tvm.script import tirx as T
 
-from .gpu_kernels import (QUANT_LAYOUTS, SPECIALIZE_STATIC_M, group_gemm, group_gemm_q,  # noqa: F401
+from .gpu_kernels import (group_gemm, group_gemm_q,  # noqa: F401
                           kv_cache_overrides, linear_q, take_q)
 
-INDEX_DTYPE = "int32"  # token ids, positions, expert ids: WGSL has no 64-bit integers
-KV_CACHE = "contiguous"  # lower.py: attention goes through kv_append + attention, not TVM's paged cache
 THREADS = 256  # per workgroup for kv_append (WebGPU guarantees 256 invocations per workgroup)
 KEY_LANES = 16  # threads per (token, head) in attention, each over every 16th key
 

@@ -17,7 +17,7 @@ from test_quantize import fake_quant
 from ernie_compile import targets
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
-from ernie_compile.compiler.quantize import QuantPolicy
+from ernie_compile.quant import QuantPolicy
 from ernie_compile.runtime import Session
 from ernie_compile.targets import cpu_kernels, gpu_kernels
 from ernie_compile.targets.cpu import CpuTarget
@@ -25,7 +25,6 @@ from ernie_compile.targets.cpu import CpuTarget
 # GPU kernels as compute definitions (group GEMMs unscheduled), TVM's CPU KV cache with our CPU
 # attention kernels (the GPU build uses TVM's GPU ones)
 _KERNELS = types.SimpleNamespace(
-    SPECIALIZE_STATIC_M=gpu_kernels.SPECIALIZE_STATIC_M, QUANT_LAYOUTS=gpu_kernels.QUANT_LAYOUTS,
     linear_q=gpu_kernels.linear_q, take_q=gpu_kernels.take_q,
     group_gemm=lambda *a, **k: gpu_kernels.group_gemm(*a, **k, schedule=False),
     group_gemm_q=lambda *a, **k: gpu_kernels.group_gemm_q(*a, **k, schedule=False),
@@ -34,17 +33,23 @@ _KERNELS = types.SimpleNamespace(
 
 @dataclasses.dataclass(frozen=True)
 class GpuGraphOnCpu(CpuTarget):
-    name = "gpu-graph-on-cpu"
-    dtypes = ("float16", "float32")
-    kernels = _KERNELS
-
-    def passes(self, mod, tuner=None):
+    def passes(self, mod, tuner):
         return mod, []  # linears stay Relax matmuls, as on the GPU targets
+
+
+def _gpu_graph_on_cpu(detail):
+    """The host CPU target with the GPU targets' declared facts and kernels (targets/cuda.py)."""
+    cpu, cuda = CpuTarget.from_spec(None), targets.get_target("cuda")
+    fields = {f.name: getattr(cpu, f.name) for f in dataclasses.fields(cpu)}
+    fields.update(spec="gpu-graph-on-cpu", dtypes=cuda.dtypes, scale_dtypes=cuda.scale_dtypes, kernels=_KERNELS,
+                  quant_layouts=cuda.quant_layouts, static_m=cuda.static_m, int8_dot=False,
+                  native_ops=cuda.native_ops, tunable=())
+    return GpuGraphOnCpu(**fields)
 
 
 @pytest.fixture(autouse=True)
 def _register(monkeypatch):
-    monkeypatch.setitem(targets.TARGETS, GpuGraphOnCpu.name, GpuGraphOnCpu)
+    monkeypatch.setitem(targets.TARGETS, "gpu-graph-on-cpu", _gpu_graph_on_cpu)
 
 
 CASES = {  # name: (checkpoint fixture, config, dtype, bits, logits tolerance)
@@ -61,7 +66,7 @@ def test_gpu_graph_matches_eager(case, tmp_path, request):
     folder = request.getfixturevalue(fixture)[config]
     moe = fixture == "moe_checkpoints"
     out = tmp_path / "out"
-    report = compile_model(CompileOptions(output=out, model=str(folder), target=GpuGraphOnCpu.name, dtype=dtype,
+    report = compile_model(CompileOptions(output=out, model=str(folder), target="gpu-graph-on-cpu", dtype=dtype,
                                           bits=bits, max_seq_len=64), log=lambda *_: None)
     if moe:
         assert report["passes"]["fuse_moe_routing"]["matched"] > 0

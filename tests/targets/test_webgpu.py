@@ -19,7 +19,7 @@ from test_quantize import fake_quant
 from test_runtime import NO_TORCH
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
-from ernie_compile.compiler.quantize import QuantPolicy
+from ernie_compile.quant import QuantPolicy
 from ernie_compile.runtime import Session
 from ernie_compile.runtime.webgpu_engine import adapter_problem
 from ernie_compile.targets import webgpu
@@ -209,7 +209,7 @@ def test_moe_matches_eager(case, moe_checkpoints, tmp_path):
         model.generation_config.eos_token_id = None
         assert "shader-f16" in json.loads((out / "plan.json").read_text())["features"]
     if bits:
-        model = fake_quant(model, QuantPolicy.parse(bits, scale_dtype=webgpu.WebGpuTarget.scale_dtype(dtype)))
+        model = fake_quant(model, QuantPolicy.parse(bits, scale_dtype=webgpu.WebGpuTarget.from_spec(None).scale_dtypes[dtype]))
     session = Session(out)
     with torch.no_grad():
         err = rel_error(session.forward(PROMPT_IDS), model(torch.tensor([PROMPT_IDS])).logits[0, -1])
@@ -275,13 +275,13 @@ def test_weights_over_the_binding_limit_are_split(bits, limit, checkpoints, tmp_
 
     from ernie_compile import targets
 
-    small = dataclasses.make_dataclass("SmallBindings", [("max_binding_bytes", int, limit)],
-                                       bases=(webgpu.WebGpuTarget,), frozen=True)
-    small.name = "webgpu-small"
-    monkeypatch.setitem(targets.TARGETS, small.name, small)
+    def small(detail):
+        return dataclasses.replace(webgpu.WebGpuTarget.from_spec(detail), spec="webgpu-small", max_binding_bytes=limit)
+
+    monkeypatch.setitem(targets.TARGETS, "webgpu-small", small)
     folder = checkpoints["gqa-tied-hd48"]
     out = tmp_path / "out"
-    report = compile_model(CompileOptions(output=out, model=str(folder), target=small.name, bits=bits,
+    report = compile_model(CompileOptions(output=out, model=str(folder), target="webgpu-small", bits=bits,
                                           max_seq_len=64), log=lambda *_: None)
     assert report["passes"]["split_large_weights"]["matched"] >= 2  # the lookup and the logits
     plan = json.loads((out / "plan.json").read_text())

@@ -22,12 +22,11 @@ Layouts of a row's words:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from .errors import UserError
 
 BITS = (2, 3, 4, 8)
 LANES = 16  # SIMD lanes of the "lanes16" layout
@@ -238,10 +237,3 @@ def dequantize(parts: dict[str, np.ndarray], spec: QuantSpec, k: int) -> np.ndar
         scale, offset = _tile_major(scale, inverse=True), _tile_major(offset, inverse=True)
     w = codes * scale.astype(np.float32)[..., None] + offset.astype(np.float32)[..., None]
     return w.reshape(*lead, k)
-
-
-def packed_bytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
-    *lead, k = shape
-    rows = math.prod(lead)
-    scale_bytes = np.dtype(spec.scale_dtype).itemsize
-    return rows * (spec.words(k) * 4 + 2 * (k // spec.group_size) * scale_bytes)
