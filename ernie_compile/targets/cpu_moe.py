@@ -69,7 +69,7 @@ def group_gemm_q_vnni(num_experts: int, n: int, k: int, spec, dtype: str = "floa
     words, groups, blocks = spec.words(k), k // group, k // BLOCK
     tiles = n // TILE
     chunk = _largest_divisor(tiles, chunk)
-    tile_words, tile_scales = blocks * bits * TILE, groups * TILE  # one tile's run in qweight, qscale
+    tile_words = blocks * bits * TILE  # one tile's run in qweight
     quantize_rows = _quantize_rows(k)
 
     def code_vec(qwf, te, b, j):  # vector j of 8: 4 bytes per lane = 4 consecutive K of one row
@@ -97,23 +97,24 @@ def group_gemm_q_vnni(num_experts: int, n: int, k: int, spec, dtype: str = "floa
                 * T.broadcast(sx[i * blocks + b], TILE))
 
     def make_tile(tb: int):
-        """Rows i0 … i0 + tb − 1 of y's tile t (global tile te) over all K; `end_w`, `end_s`: where
-        the item's run of tiles ends in qweight / qscale (prefetches stop there)."""
+        """Rows i0 … i0 + tb − 1 of y's tile t (global tile te) over all K; `end_w`: where the item's
+        run of tiles ends in qweight (prefetches stop there: the next item's run is elsewhere)."""
 
         @T.macro
-        def tile(qwf, qsf, qmf, xq32, dx, sx, y, te, t, i0, end_w, end_s):
+        def tile(qwf, qsf, qmf, xq32, dx, sx, y, te, t, i0, end_w):
             accf = T.decl_buffer((tb, TILE), "float32")  # default scope and < 1 KiB: a stack slot
             for ii in T.unroll(tb):
                 accf[ii, T.ramp(0, 1, TILE)] = T.broadcast(T.float32(0), TILE)
             for b in range(blocks):
-                for line in T.unroll(bits if prefetch > 0 else 0):  # the block's 64-byte lines, ahead
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        qwf[T.min(((te * blocks + b) * bits + line) * TILE + prefetch, end_w)]),
-                        T.int32(0), T.int32(3), T.int32(1)))
-                if prefetch > 0:  # the scales, as far ahead in blocks (offsets: read only if asymmetric)
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        qsf[T.min((te * groups + b * BLOCK // group) * TILE + prefetch * BLOCK // (bits * group),
-                                  end_s)]), T.int32(0), T.int32(3), T.int32(1)))
+                if prefetch > 0:  # the block's 64-byte lines and its scales, ahead, inside the item's run
+                    if ((te * blocks + b) * bits + bits) * TILE + prefetch <= end_w:
+                        for line in T.unroll(bits):
+                            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                                qwf[((te * blocks + b) * bits + line) * TILE + prefetch]),
+                                T.int32(0), T.int32(3), T.int32(1)))
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                            qsf[(te * groups + b * BLOCK // group) * TILE + prefetch * BLOCK // (bits * group)]),
+                            T.int32(0), T.int32(3), T.int32(1)))  # offsets: read only if asymmetric
                 for ii in T.unroll(tb):
                     accf[ii, T.ramp(0, 1, TILE)] = accf[ii, T.ramp(0, 1, TILE)] + block_term(
                         qsf, qmf, dx, sx, te, b, i0 + ii, T.cast(block_dot(qwf, xq32, te, b, i0 + ii), "float32x16"))
@@ -137,11 +138,8 @@ def group_gemm_q_vnni(num_experts: int, n: int, k: int, spec, dtype: str = "floa
     def TE(w):  # the tile within the stacked [E·N, K] weight
         return E(w) * tiles + Tl(w)
 
-    def END_W(w):  # the last word of the item's run of tiles (prefetches stop there)
-        return (E(w) * tiles + w // (num_experts * chunk) * chunk + chunk) * tile_words - 1
-
-    def END_S(w):
-        return (E(w) * tiles + w // (num_experts * chunk) * chunk + chunk) * tile_scales - 1
+    def END_W(w):  # where the item's run of tiles ends in qweight
+        return (E(w) * tiles + w // (num_experts * chunk) * chunk + chunk) * tile_words
 
     @T.prim_func(private=True)
     def cpu_moe_group_gemm_q_vnni(var_x: T.handle, indptr: T.Buffer((num_experts + 1,), index_dtype),
@@ -172,18 +170,18 @@ def group_gemm_q_vnni(num_experts: int, n: int, k: int, spec, dtype: str = "floa
                 lo = T.cast(indptr[E(w)], "int64")
                 cnt = T.cast(indptr[E(w) + 1], "int64") - lo
                 for io in range(cnt // tokens):
-                    tile_main(qwf, qsf, qmf, xq32, dx, sx, y, TE(w), Tl(w), lo + io * tokens, END_W(w), END_S(w))
+                    tile_main(qwf, qsf, qmf, xq32, dx, sx, y, TE(w), Tl(w), lo + io * tokens, END_W(w))
                 if tile_4 is not None:
                     if cnt % tokens // 4 % 2 == 1:
                         tile_4(qwf, qsf, qmf, xq32, dx, sx, y, TE(w), Tl(w), lo + cnt - cnt % tokens,
-                               END_W(w), END_S(w))
+                               END_W(w))
                 if tile_2 is not None:
                     if cnt % tokens // 2 % 2 == 1:
                         tile_2(qwf, qsf, qmf, xq32, dx, sx, y, TE(w), Tl(w), lo + cnt - cnt % tokens + cnt % tokens // 4 * 4,
-                               END_W(w), END_S(w))
+                               END_W(w))
                 if tile_1 is not None:
                     if cnt % tokens % 2 == 1:
-                        tile_1(qwf, qsf, qmf, xq32, dx, sx, y, TE(w), Tl(w), lo + cnt - 1, END_W(w), END_S(w))
+                        tile_1(qwf, qsf, qmf, xq32, dx, sx, y, TE(w), Tl(w), lo + cnt - 1, END_W(w))
 
     return cpu_moe_group_gemm_q_vnni
 
