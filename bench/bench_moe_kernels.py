@@ -4,7 +4,7 @@ kernel (targets/cpu_moe.group_gemm_q_vnni, vnni16 weights) against the float-act
 
     python bench/bench_moe_kernels.py                   # 4-bit, gate_up and down, decode and prefill
     python bench/bench_moe_kernels.py --bits 4 8 --reps 7
-    python bench/bench_moe_kernels.py --int8-dot portable  # on a CPU without AVX-512 VNNI (not its speed)
+    python bench/bench_moe_kernels.py --int8-dot avx2   # the int8 kernel with the AVX2 dot (CPUs without VNNI)
 
 Shapes: E = 64 experts, top-6; gate_up N = 3072 (2·1536), K = 2560; down N = 2560, K = 1536.
 decode: M = 6 rows, 6 distinct experts; prefill: T = 128 tokens → M = 768 rows spread over the experts
@@ -86,8 +86,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--prompt", type=int, default=128, help="prefill tokens T (M = T·6 rows)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--int8-dot", default="vnni" if CpuTarget.from_spec(None).int8_dot else "portable",
-                    choices=list(cpu_moe.DOTS), help="default: vnni where this CPU has AVX-512 VNNI")
+    ap.add_argument("--int8-dot", choices=list(cpu_moe.DOTS),
+                    help="default: vnni where this CPU has AVX-512 VNNI, else avx2 (4-bit) or portable (8-bit)")
     ap.add_argument("--no-float", action="store_true", help="skip the float-activation kernel")
     ap.add_argument("--tokens", type=int, default=cpu_moe.TOKENS)
     ap.add_argument("--prefetch", type=int, default=cpu_moe.PREFETCH)
@@ -103,9 +103,10 @@ def main() -> None:
     for bits in args.bits:
         for shape in args.shapes:
             n, k = SHAPES[shape]
-            kernels = [(f"int8 act ({args.int8_dot}), vnni16", QuantSpec(bits, 32, True, "float16", "vnni16"),
+            dot = args.int8_dot or ("vnni" if CpuTarget.from_spec(None).int8_dot else "avx2" if bits == 4 else "portable")
+            kernels = [(f"int8 act ({dot}), vnni16", QuantSpec(bits, 32, True, "float16", "vnni16"),
                         lambda s: cpu_moe.group_gemm_q_vnni(EXPERTS, n, k, s, tokens=args.tokens, prefetch=args.prefetch,
-                                                            chunk=args.chunk, int8_dot=args.int8_dot), False)]
+                                                            chunk=args.chunk, int8_dot=dot), False)]
             if not args.no_float:
                 kernels.append(("float act, lanes16 (cpu_kernels)", QuantSpec(bits, 32, True, "float16", "lanes16"),
                                 lambda s: cpu_kernels.group_gemm_q(EXPERTS, n, k, s), True))

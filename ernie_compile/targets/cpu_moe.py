@@ -23,6 +23,7 @@ offsets below are cpu_vnni's with that tile index.
 from __future__ import annotations
 
 import numpy as np
+from tvm import tirx
 from tvm.script import tirx as T
 
 from .cpu_vnni import BLOCK, PREFETCH, TILE, _dot, _quantize_rows
@@ -44,7 +45,23 @@ def _dot_portable(acc, w_u32x16, x_i32):
     return acc
 
 
-DOTS = {"vnni": _dot, "portable": _dot_portable}
+def _half(v, h: int):  # lanes 8h … 8h + 7 of a 16-lane vector
+    return tirx.Shuffle([v], [tirx.IntImm("int32", 8 * h + i) for i in range(8)])
+
+
+def _dot_avx2(acc, w_u32x16, x_i32):
+    """_dot with AVX2 (CPUs without VNNI, such as Zen 3): vpmaddubsw (u8 × s8, adjacent pairs summed
+    into int16, saturating) then vpmaddwd by 1 (pairs of those into int32), per 8-lane half. Exact
+    for 4-bit codes only: a pair sums to at most 2 · 15 · 127; 8-bit codes could saturate."""
+    halves = []
+    for h in range(2):
+        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.reinterpret("uint8x32", _half(w_u32x16, h)),
+                                        T.reinterpret("int8x32", T.broadcast(x_i32, 8)))
+        halves.append(T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16)))
+    return acc + tirx.Shuffle(halves, [tirx.IntImm("int32", i) for i in range(TILE)])
+
+
+DOTS = {"vnni": _dot, "avx2": _dot_avx2, "portable": _dot_portable}
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -58,13 +75,16 @@ def group_gemm_q_vnni(num_experts: int, n: int, k: int, spec, dtype: str = "floa
     32·j). Schedule parameters (TUNABLE): `tokens` rows share each loaded weight block; `prefetch`
     words ahead of the block being read (0: none; never past the item's run of tiles); `chunk`
     tiles per work item (falls back to the largest divisor of N/16 not above it). `int8_dot`: "vnni"
-    (vpdpbusd, the CPU needs AVX-512 VNNI) or "portable" (the same integers on any CPU, slowly)."""
+    (vpdpbusd, the CPU needs AVX-512 VNNI), "avx2" (4 bits only; vpmaddubsw + vpmaddwd) or
+    "portable" (any CPU, slowly); all three compute the same integers."""
     bits, group, sdt = spec.bits, spec.group_size, spec.scale_dtype
     if spec.layout != "vnni16" or bits not in (4, 8) or n % TILE or k % BLOCK or group % BLOCK:
         raise ValueError(f"group_gemm_q_vnni: needs a 4- or 8-bit vnni16 spec, N % 16 == 0, K % 32 == 0 and "
                          f"groups of 32·j; got {spec}, N={n}, K={k}")
     if not 1 <= tokens <= 8:
         raise ValueError(f"group_gemm_q_vnni: tokens={tokens}; 1 … 8 (accumulators in registers)")
+    if int8_dot == "avx2" and bits != 4:
+        raise ValueError("group_gemm_q_vnni: int8_dot='avx2' is exact for 4-bit codes only")
     dot = DOTS[int8_dot]
     words, groups, blocks = spec.words(k), k // group, k // BLOCK
     tiles = n // TILE
