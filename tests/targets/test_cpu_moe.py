@@ -21,7 +21,7 @@ HOST = CpuTarget.from_spec(None)
 DOTS = (["portable"] + (["vnni"] if HOST.int8_dot else [])
         + (["avx2"] if tvm.target.codegen.target_has_features("avx2", HOST.tvm_target()) else []))
 VNNI_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})  # any CPU with AVX-512 VNNI
-FLOAT_ACT_TOL = 2e-2  # of max|y|: the int8 activations' cost on Gaussian x (seen here: ~4e-3)
+FLOAT_ACT_TOL = 2e-2  # of max|y|: the int8 activations' cost on Gaussian x (seen: ~5e-3 at 4 and 8 bits)
 
 
 def _build(prim, target=None):
