@@ -35,7 +35,7 @@ import tvm  # noqa: E402
 from common import print_table  # noqa: E402
 from membw import ReadBandwidth  # noqa: E402
 
-from ernie_compile.compiler.quantize import QuantSpec  # noqa: E402
+from ernie_compile.quant import QuantSpec  # noqa: E402
 from ernie_compile.runtime.tvm_engine import pin_thread_count  # noqa: E402
 from ernie_compile.targets import cpu_kernels, cpu_moe  # noqa: E402
 from ernie_compile.targets.cpu import CpuTarget  # noqa: E402

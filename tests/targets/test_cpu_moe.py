@@ -1,6 +1,6 @@
 """The int8-activation MoE grouped GEMM (targets/cpu_moe.py) against numpy.
 
-Weights: a random stacked [E, N, K] weight quantized by compiler/quantize.py into the vnni16 layout,
+Weights: a random stacked [E, N, K] weight quantized by ernie_compile/quant.py into the vnni16 layout,
 dequantized for the reference. Activations: the reference quantizes them as the kernel does (int8 per
 block of 32, dx = max|x| / 127 in float32, round half to even), so kernel and reference differ only
 in summation order (1e-5 of max|y|); a looser check against the float activations bounds what the
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tvm
 
-from ernie_compile.compiler.quantize import QuantSpec, dequantize, quantize
+from ernie_compile.quant import QuantSpec, dequantize, quantize
 from ernie_compile.targets.cpu import CpuTarget
 from ernie_compile.targets.cpu_moe import TUNABLE, group_gemm_q_vnni, route_rows
 
