@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=cpu_moe.CHUNK)
     args = ap.parse_args()
     pin_thread_count(tvm)  # one thread per core, as ernie-run runs (runtime/tvm_engine.py)
-    target = CpuTarget.from_spec(None).tvm_target()
+    target = CpuTarget.from_spec(None).tvm
     rng = np.random.default_rng(0)
     probe = ReadBandwidth()
     sets = decode_sets(rng, EXPERTS // TOP_K)

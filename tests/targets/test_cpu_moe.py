@@ -19,14 +19,14 @@ from ernie_compile.targets.cpu_moe import TUNABLE, group_gemm_q_vnni, route_rows
 
 HOST = CpuTarget.from_spec(None)
 DOTS = (["portable"] + (["vnni"] if HOST.int8_dot else [])
-        + (["avx2"] if tvm.target.codegen.target_has_features("avx2", HOST.tvm_target()) else []))
+        + (["avx2"] if tvm.target.codegen.target_has_features("avx2", HOST.tvm) else []))
 VNNI_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})  # any CPU with AVX-512 VNNI
 FLOAT_ACT_TOL = 2e-2  # of max|y|: the int8 activations' cost on Gaussian x (seen: ~5e-3 at 4 and 8 bits)
 
 
 def _build(prim, target=None):
     return tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}),
-                       target=target or HOST.tvm_target())
+                       target=target or HOST.tvm)
 
 
 def _run(lib, x, indptr, parts, index_dtype):
@@ -136,7 +136,7 @@ def test_tunable_entry_builds_and_feeds_the_kernel():
     """cpu_moe.TUNABLE as compiler/tuning.py uses it: build(key, params) and inputs(key, m, rng)."""
     tunable = TUNABLE["moe_group_gemm_q_vnni"]
     spec = QuantSpec(4, 32, True, "float16", "vnni16")
-    key = {"target": str(HOST.tvm_target()), "kernel": "moe_group_gemm_q_vnni", "shape": [8, 32, 64, 2],
+    key = {"target": str(HOST.tvm), "kernel": "moe_group_gemm_q_vnni", "shape": [8, 32, 64, 2],
            "dtype": "float32", "quant": spec.as_dict()}
     assert tunable["valid"](key, tunable["default"])
     lib = _build(tunable["build"](key, {**tunable["default"], "int8_dot": "portable"}))
