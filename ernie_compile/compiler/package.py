@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
 import tempfile
@@ -55,6 +56,10 @@ def staging(output: Path):
 _SAFETENSORS = {"float32": "F32", "float16": "F16", "uint32": "U32", "int32": "I32", "int64": "I64", "uint8": "U8"}
 
 
+CHUNK_BYTES = 64 << 20  # float32 bytes of one weight chunk read, quantized and written at a time
+PROGRESS_BYTES = 256 << 20  # artifacts of more weight bytes than this show a progress bar
+
+
 class StateDictSource:
     """A weight source over a model held in memory (its state dict in the dtypes it was cast to)."""
 
@@ -66,14 +71,19 @@ class StateDictSource:
         return value.detach().float().numpy() if str(value.dtype) == "torch.bfloat16" else value.detach().numpy()
 
 
-def produce(record, source, errors: dict):
-    """Yield (StoredTensor, array) for each tensor `record` stores, its value read from `source` (the
-    transformers weights: `get(name) → ndarray`) now; a quantized record's relative reconstruction
-    error ‖W − dequant(quant(W))‖ / ‖W‖ goes into `errors` under its stored name."""
+def _chunks(record, source):
+    """(first row along axis 0, float value of rows [first, first + len)) of `record`'s weight, in
+    chunks of about CHUNK_BYTES: a stacked expert tensor [E, N, K] one expert at a time (read from
+    the source one expert at a time), a 2-D weight in blocks of rows (a multiple of 16, so vnni16
+    tiles stay whole)."""
     import numpy as np
 
-    from ..quant import dequantize, quantize
-
+    if len(record.shape) == 3:
+        if len(record.sources) != 1 or record.rows is not None:
+            raise InternalError(f"weight {record.name}: a stacked weight is read from one source, whole")
+        for e in range(record.shape[0]):
+            yield e, source.get(record.sources[0], index=e)[None]
+        return
     parts = [source.get(n) for n in record.sources]
     value = parts[0] if len(parts) == 1 else np.concatenate(parts)
     if record.rows is not None:  # a row block of a weight split to fit a binding limit
@@ -81,22 +91,92 @@ def produce(record, source, errors: dict):
     if tuple(value.shape) != tuple(record.shape):
         raise InternalError(f"weight {record.name}: the checkpoint gives shape {tuple(value.shape)}, "
                             f"the compiled code takes {record.shape}")
+    row_bytes = 4 * math.prod(value.shape[1:])
+    step = max(16, CHUNK_BYTES // row_bytes // 16 * 16)
+    for a in range(0, value.shape[0], step):
+        yield a, value[a:a + step]
+
+
+def produce(record, source, errors: dict):
+    """Yield (StoredTensor, first row, array) for each chunk of each tensor `record` stores, its value
+    read from `source` (the transformers weights: `get(name, index=None) → ndarray`) chunk by chunk;
+    a quantized record's relative reconstruction error ‖W − dequant(quant(W))‖ / ‖W‖ goes into
+    `errors` under its stored name."""
+    import numpy as np
+
+    from ..quant import dequantize, quantize
+
     stored = record.stored
-    if record.quant is None:
-        yield stored[0], np.ascontiguousarray(value, dtype=record.dtype)
-        return
-    value = value.astype(np.float32)
-    packed = quantize(value, record.quant)
-    diff = dequantize(packed, record.quant, value.shape[-1]) - value
-    errors[record.name] = float(np.linalg.norm(diff) / max(np.linalg.norm(value), 1e-30))
-    for t, key in zip(stored, ("qweight", "qscale", "qmin")):
-        yield t, np.ascontiguousarray(packed[key])
+    diff2 = norm2 = 0.0
+    for first, value in _chunks(record, source):
+        if record.quant is None:
+            yield stored[0], first, np.ascontiguousarray(value, dtype=record.dtype)
+            continue
+        value = value.astype(np.float32)
+        packed = quantize(value, record.quant)
+        diff2 += float(np.square(dequantize(packed, record.quant, value.shape[-1]) - value).sum())
+        norm2 += float(np.square(value).sum())
+        for t, key in zip(stored, ("qweight", "qscale", "qmin")):
+            yield t, first, np.ascontiguousarray(packed[key])
+    if record.quant is not None:
+        errors[record.name] = math.sqrt(diff2) / max(math.sqrt(norm2), 1e-30)
+
+
+class RegionWriter:
+    """Writes chunks of stored tensors at the file offsets laid out for them beforehand, so the
+    chunks of several tensors (a quantized weight's codes, scales and offsets) may interleave."""
+
+    def __init__(self, total_bytes: int, log):
+        self.files: dict[Path, int] = {}
+        self.bar = _progress(total_bytes, log)
+
+    def open(self, path: Path, prefix: bytes = b"") -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.files[path] = fd
+        if prefix:
+            os.pwrite(fd, prefix, 0)
+
+    def write(self, path: Path, offset: int, t, first: int, array) -> None:
+        """Rows [first, first + len(array)) of tensor `t`, which begins at `offset` of `path`."""
+        row_bytes = math.prod(t.shape[1:]) * _itemsize(t.dtype) if t.shape else 0
+        if array.dtype.name != t.dtype or tuple(array.shape[1:]) != tuple(t.shape[1:]) or \
+                first + array.shape[0] > t.shape[0]:
+            raise InternalError(f"weight {t.name}: produced {array.dtype.name} {array.shape} at row {first}, "
+                                f"declared {t.dtype} {t.shape}")
+        data = memoryview(np_bytes(array))
+        fd, at = self.files[path], offset + first * row_bytes
+        while data:
+            n = os.pwrite(fd, data, at)
+            data, at = data[n:], at + n
+        if self.bar is not None:
+            self.bar.update(array.nbytes)
+
+    def close(self) -> None:
+        for fd in self.files.values():
+            os.close(fd)
+        if self.bar is not None:
+            self.bar.close()
+
+
+def np_bytes(array):
+    """The bytes of a C-contiguous array, without a copy."""
+    return array.reshape(-1).view("uint8")
+
+
+def _progress(total: int, log):
+    """A bar over the bytes written (tqdm), where the artifact is large enough to wait for."""
+    if total < PROGRESS_BYTES or log is None or getattr(log, "quiet", False):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="weights", leave=False,
+                mininterval=1.0)
 
 
 def write_safetensors(out_dir: Path, records: list, source, log, file: str = "weights.safetensors") -> tuple[dict, dict]:
     """The stored tensors of `records` in one safetensors file, written as they are produced: the
-    header (every name, dtype, shape and offset is known from the records) first, then each tensor's
-    bytes in order, so no more than one record's values are held at a time. → (the manifest's
+    header (every name, dtype, shape and offset is known from the records) first, then each chunk at
+    its tensor's offset, so no more than one chunk's values are held at a time. → (the manifest's
     "weights" entry, the reconstruction errors)."""
     from ..passes.weight_records import stored_tensors
 
@@ -108,16 +188,18 @@ def write_safetensors(out_dir: Path, records: list, source, log, file: str = "we
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data begins 8-byte aligned, as safetensors writes it
+    base = 8 + len(text)
+    path = out_dir / file
     errors = {}
-    with open(out_dir / file, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
+    writer = RegionWriter(offset, log)
+    try:
+        writer.open(path, struct.pack("<Q", len(text)) + text)
+        os.truncate(path, base + offset)
         for record in records:
-            for t, value in produce(record, source, errors):
-                meta = header[t.name]
-                if value.dtype.name != t.dtype or list(value.shape) != meta["shape"]:
-                    raise InternalError(f"weight {t.name}: produced {value.dtype.name} {value.shape}, "
-                                        f"declared {t.dtype} {meta['shape']}")
-                f.write(memoryview(value).cast("B"))
+            for t, first, value in produce(record, source, errors):
+                writer.write(path, base + header[t.name]["data_offsets"][0], t, first, value)
+    finally:
+        writer.close()
     return {"file": file, "order": [t.name for t in tensors]}, errors
 
 

@@ -12,6 +12,8 @@ WGSL to SPIR-V for the Vulkan driver at load — the runtime then asks wgpu for 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import tvm
 
 from ..errors import InternalError, UserError
 from . import gpu_build, gpu_kernels, webgpu_kernels, webgpu_plan
+from ..passes.weight_records import StoredTensor
 from .base import Built, Target
 
 WEB = Path(__file__).resolve().parents[1] / "web"  # index.html + ernie-webgpu.js, copied into artifacts
@@ -85,77 +88,61 @@ class WebGpuTarget(Target):
 
     def write_weights(self, out_dir: Path, records, source, built: Built, log):
         """Every weight buffer of the plan as raw bytes in shards of about SHARD_BYTES, at 256-byte
-        aligned offsets (a host may bind one buffer per shard), produced record by record; the plan
-        learns each buffer's name, shard and offset and is written."""
+        aligned offsets (a host may bind one buffer per shard): each buffer is given its shard and
+        offset first, then the records are produced chunk by chunk into place. The plan learns each
+        buffer's name, shard and offset and is written."""
         from ..compiler import package
         from ..passes.weight_records import stored_tensors
 
         plan, constants = built.state["plan"], built.state["constants"]
         stored = stored_tensors(records)
-        weight_buffers = [b for b in plan["buffers"] if b["kind"] == "weight"]
-        by_param = {b["param"]: b for b in weight_buffers if "param" in b}
-        by_name = {}
-        for i, t in enumerate(stored):
-            if i in by_param:
-                by_param[i]["name"] = t.name
-                by_name[t.name] = by_param.pop(i)
-                del by_name[t.name]["param"]
-        if by_param:
-            raise InternalError(f"webgpu: the plan reads weight inputs {sorted(by_param)} beyond the {len(stored)} stored")
-        shards = _Shards(out_dir)
-
-        def place(b: dict, data: np.ndarray) -> None:
-            data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-            if data.nbytes != b["bytes"]:
-                raise InternalError(f"webgpu: weight {b['name']} has {data.nbytes} bytes, the plan expects {b['bytes']}")
-            b["shard"], b["offset"] = shards.write(data)
-
+        buffers = [b for b in plan["buffers"] if b["kind"] == "weight"]
+        for b in buffers:
+            if "param" in b:
+                b["name"] = stored[b.pop("param")].name
+        by_name = {b["name"]: b for b in buffers if "constant" not in b}
+        shards, offset = [], 0
+        for b in buffers:
+            if not shards or (offset and offset + b["bytes"] > SHARD_BYTES):
+                shards.append({"file": f"weights-{len(shards):05d}.bin", "bytes": 0})
+                offset = 0
+            offset += -offset % webgpu_plan.ALIGN
+            b["shard"], b["offset"] = len(shards) - 1, offset
+            offset += b["bytes"]
+            shards[-1]["bytes"] = offset
         errors = {}
-        for record in records:
-            for t, data in package.produce(record, source, errors):
-                if t.name in by_name:  # a weight no kernel reads (dead after fusion) is not stored
-                    place(by_name[t.name], data)
-        for b in weight_buffers:
-            if "constant" in b:
-                place(b, constants[b.pop("constant")])
-        plan["shards"] = shards.close()
+        writer = package.RegionWriter(sum(b["bytes"] for b in buffers), log)
+        try:
+            for s in shards:
+                writer.open(out_dir / s["file"])
+                os.truncate(out_dir / s["file"], s["bytes"])
+
+            def put(b, t, first, data):
+                if math.prod(t.shape) * np.dtype(t.dtype).itemsize != b["bytes"]:
+                    raise InternalError(f"webgpu: weight {t.name} is {t.shape} {t.dtype}, the plan expects {b['bytes']} bytes")
+                writer.write(out_dir / shards[b["shard"]]["file"], b["offset"], t, first, data)
+
+            for record in records:
+                for t, first, data in package.produce(record, source, errors):
+                    if t.name in by_name:  # a weight no kernel reads (dead after fusion) is not stored
+                        put(by_name[t.name], t, first, data)
+            for b in buffers:
+                if "constant" in b:
+                    data = np.ascontiguousarray(constants[b.pop("constant")]).reshape(-1)
+                    put(b, StoredTensor(b["name"], data.shape, data.dtype.name), 0, data)
+        finally:
+            writer.close()
+        plan["shards"] = shards
         (out_dir / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
-        entry = {"shards": [s["file"] for s in plan["shards"]], "tensors": len(weight_buffers)}
-        largest = max(weight_buffers, key=lambda b: b["bytes"])
+        largest = max(buffers, key=lambda b: b["bytes"])
         if largest["bytes"] > DEFAULT_BINDING_LIMIT:
             log(f"  webgpu: {largest['name']} is {largest['bytes'] / 2**20:.0f} MiB, over WebGPU's default storage-binding "
                 f"limit ({DEFAULT_BINDING_LIMIT >> 20} MiB); adapters at the default (phones, lavapipe) will refuse this "
                 "artifact — fewer --bits make it smaller")
-        return entry, errors
+        return {"shards": [s["file"] for s in shards], "tensors": len(buffers)}, errors
 
     def write_host_files(self, out_dir: Path, tokenizer: dict) -> None:
         _write_vocab(out_dir, tokenizer)
-
-
-class _Shards:
-    """Raw weight files of about SHARD_BYTES each (a larger tensor gets one of its own)."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir, self.shards, self.file, self.offset = out_dir, [], None, 0
-
-    def write(self, data: np.ndarray) -> tuple[int, int]:
-        if self.file is None or (self.offset and self.offset + data.nbytes > SHARD_BYTES):
-            if self.file:
-                self.file.close()
-            self.shards.append({"file": f"weights-{len(self.shards):05d}.bin", "bytes": 0})
-            self.file, self.offset = open(self.out_dir / self.shards[-1]["file"], "wb"), 0
-        pad = -self.offset % webgpu_plan.ALIGN
-        self.file.write(b"\0" * pad)
-        offset = self.offset + pad
-        self.file.write(data.tobytes())
-        self.offset = offset + data.nbytes
-        self.shards[-1]["bytes"] = self.offset
-        return len(self.shards) - 1, offset
-
-    def close(self) -> list[dict]:
-        if self.file:
-            self.file.close()
-        return self.shards
 
 
 def _write_vocab(out_dir: Path, tokenizer: dict) -> None:
