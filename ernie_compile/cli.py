@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                                                   "use its best schedules, search nothing")
     t.add_argument("--tune-trials", type=int, help="at most this many measurements in this compile")
     t.add_argument("--tune-minutes", type=float, help="stop measuring after this many minutes")
+    p.add_argument("--plan", action="store_true",
+                   help="lower the model, then print the artifact's size and the memory to compile and run it "
+                        "(weights + KV cache at --max-seq-len); writes nothing")
     p.add_argument("--dump-ir", type=Path, help="write each phase's IR into this folder")
     p.add_argument("--report", type=Path, help="write stage timings and pass counts as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
                               max_seq_len=args.max_seq_len, seed=args.seed, dump_ir=args.dump_ir,
                               fuse_attention=not args.no_fuse_attention, dtype=args.dtype,
                               preset_overrides=tuple(_override(o) for o in args.preset_override),
-                              report=args.report, bits=args.bits, embed_bits=args.embed_bits,
+                              report=args.report, plan=args.plan, bits=args.bits, embed_bits=args.embed_bits,
                               group_size=args.group_size, symmetric=not args.asymmetric,
                               scale_dtype=args.scale_dtype, act_bits=args.act_bits, tune=args.tune,
                               tuning_db=args.tuning_db, tune_trials=args.tune_trials, tune_minutes=args.tune_minutes)

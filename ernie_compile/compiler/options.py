@@ -30,6 +30,7 @@ class CompileOptions:
     tuning_db: Path | None = None
     tune_trials: int | None = None  # measurement budget of this compile
     tune_minutes: float | None = None
+    plan: bool = False  # lower, then print the artifact's size and the memory to compile and run it; write nothing
     dump_ir: Path | None = None
     report: Path | None = None
 

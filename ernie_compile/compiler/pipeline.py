@@ -69,6 +69,7 @@ class Compile:
     manifest: dict | None = None
     recon_errors: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    plan: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,18 @@ def _accuracy(c: Compile) -> None:
     c.log(line)
 
 
+def _writes(c: Compile) -> bool:
+    return not c.opts.plan
+
+
+def _plan(c: Compile) -> None:
+    from .plan import plan
+
+    c.plan = plan(c.weights, c.loaded.model.config, c.target, c.opts)
+    for line in c.plan["lines"]:
+        c.log(line)
+
+
 TVM_PHASES = [
     Phase("load", _load),
     Phase("capture", _capture, dump=_dump_graphs),
@@ -326,10 +339,11 @@ TVM_PHASES = [
     Phase("split_large_weights", _split, applies=lambda c: c.target.max_binding_bytes is not None,
           dump=_dump_relax_and_weights),
     Phase("quantize_weights", _quantize, applies=lambda c: c.policy is not None, dump=_dump_relax_and_weights),
-    Phase("target_passes", _target_passes, dump=_dump_relax),
-    Phase("build", _build, dump=_dump_build),
-    Phase("package", _package, dump=_dump_manifest),
-    Phase("accuracy", _accuracy, applies=lambda c: c.policy is not None, dump=_dump_manifest),
+    Phase("plan", _plan, applies=lambda c: c.opts.plan),  # --plan stops here: nothing is built or written
+    Phase("target_passes", _target_passes, applies=_writes, dump=_dump_relax),
+    Phase("build", _build, applies=_writes, dump=_dump_build),
+    Phase("package", _package, applies=_writes, dump=_dump_manifest),
+    Phase("accuracy", _accuracy, applies=lambda c: c.policy is not None and _writes(c), dump=_dump_manifest),
 ]
 
 
@@ -409,10 +423,18 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     backend.resolve(c)
     if c.opts.max_seq_len is not None and c.opts.max_seq_len < 2:
         raise UserError(f"--max-seq-len {c.opts.max_seq_len}: must be at least 2")
-    package.check_output(c.opts.output)
     dump = Path(c.opts.dump_ir) if c.opts.dump_ir else None
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
+    if c.opts.plan:
+        if opts.backend != "tvm":
+            raise UserError("--plan applies to the tvm backend")
+        _run_phases(backend.phases, c, dump)
+        report = {"options": c.opts.as_dict(), "backend": c.opts.backend, "stages": c.seconds, "plan": c.plan}
+        if c.opts.report:
+            Path(c.opts.report).write_text(json.dumps(report, indent=2) + "\n")
+        return report
+    package.check_output(c.opts.output)
     with package.staging(c.opts.output) as c.out:
         _run_phases(backend.phases, c, dump)
         size = sum(p.stat().st_size for p in c.out.rglob("*") if p.is_file())
