@@ -255,7 +255,7 @@ class _Tvm:
                 manifest = dict(
                     _manifest(opts, loaded, getattr(target, "backend", "tvm")),
                     target={"spec": target.spec, "device": target.device, "tvm": str(tvm_target),
-                            "runnable_here": target.runnable_here},
+                            "cross": not target.runnable_here},
                     library=library.name,
                     kernels=build_info,
                     functions={"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
@@ -304,7 +304,7 @@ class _Inductor:
                 stored = inductor.write_weights(captured, constants, tmp / "weights.safetensors")
                 manifest = dict(
                     _manifest(opts, loaded, "inductor"),
-                    target={"spec": "cpu", "device": "cpu", "runnable_here": True},
+                    target={"spec": "cpu", "device": "cpu", "cross": False},
                     programs=dict(inductor.PROGRAMS),
                     python_ops=captured.python_ops,
                     weights={"file": "weights.safetensors", "constants": stored},

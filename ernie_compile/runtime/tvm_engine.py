@@ -13,20 +13,22 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InternalError, UserError
+from .artifact import Manifest
 
 # safetensors dtype names → numpy (the dtypes our artifacts store)
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
                       "I16": np.int16, "U16": np.uint16, "I32": np.int32, "U32": np.uint32, "I64": np.int64}
 
 
-def import_runtime_only_tvm(manifest: dict) -> None:
+def import_runtime_only_tvm(manifest: Manifest) -> None:
     """Import TVM as a process that only runs the artifact of `manifest` needs it, where that is a
     CPU artifact of this backend: TVM's runtime library alone (TVM_USE_RUNTIME_LIB; the compiler
     library is 250 MB), and without torch, which tvm_ffi imports whenever torch is installed, for
     tensor exchange we do not use. Resident memory after the import: 385 -> 80 MiB. ernie-run calls
-    this first. Does nothing for other artifacts (GPU runtimes are untried without the compiler
-    library) or where TVM is already imported: a process that also compiles needs the whole of it."""
-    if manifest.get("backend", "tvm") != "tvm" or manifest["target"]["device"] != "cpu" or "tvm" in sys.modules:
+    this first, with the manifest load_manifest checked. Does nothing for other artifacts (GPU
+    runtimes are untried without the compiler library) or where TVM is already imported: a process
+    that also compiles needs the whole of it."""
+    if manifest.backend != "tvm" or manifest.device != "cpu" or "tvm" in sys.modules:
         return
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"
     hide_torch = "torch" not in sys.modules
