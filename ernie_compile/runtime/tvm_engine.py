@@ -141,9 +141,7 @@ class TvmEngine:
         # one tensor at a time: the host copy of each is dropped once the device copy exists
         self._weights = [tvm.runtime.tensor(a, self.device)
                          for a in read_tensors(folder / m["weights"]["file"], m["weights"]["order"])]
-        self._prefill = self._vm[m["functions"]["prefill"]]
-        self._decode = self._vm[m["functions"]["decode"]]
-        self._create_kv = self._vm[m["functions"]["create_kv"]]
+        self._prefill, self._decode, self._create_kv = (self._function(folder, m, k) for k in ("prefill", "decode", "create_kv"))
         self._kv_add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
         self._kv_begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
         self._kv_end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
@@ -157,6 +155,14 @@ class TvmEngine:
             self._decode_ids = tvm.runtime.empty((1, 1), "int64", self.device)
             self._decode_pos = tvm.runtime.empty((1, 1), "int64", self.device)
             self._decode_ids_np, self._decode_pos_np = np.from_dlpack(self._decode_ids), np.from_dlpack(self._decode_pos)
+
+    def _function(self, folder: Path, m: dict, key: str):
+        """The library's function the manifest names for `key` (a manifest naming another is refused)."""
+        name = m["functions"][key]
+        try:
+            return self._vm[name]
+        except AttributeError:
+            raise UserError(f"{folder}: functions.{key}: the library has no function {name!r}") from None
 
     def reset(self) -> None:
         """A new, empty KV cache holding one sequence."""
