@@ -30,11 +30,12 @@ RUN = """
 import json, statistics, sys
 sys.path[:0] = [{root!r}, {bench!r}]
 from ernie_compile.runtime import Session
-from ernie_compile.runtime.artifact import read_manifest
+from ernie_compile.runtime.artifact import load_manifest
 from ernie_compile.runtime.tvm_engine import import_runtime_only_tvm
 from membw import ProbeProcess
-import_runtime_only_tvm(read_manifest({folder!r}, verify=False))  # as ernie-run does
-s = Session({folder!r})
+manifest = load_manifest({folder!r})
+import_runtime_only_tvm(manifest)  # as ernie-run does
+s = Session(manifest)
 probe = ProbeProcess()
 prompt = {prompt!r}
 pre, dec, bw, bound = [], [], [], []

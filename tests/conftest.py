@@ -109,3 +109,15 @@ def moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: make_checkpoint(root / name, cfg, seed=10 + i, moe=True,
                                   correction_bias=CORRECTION_BIAS if "bias" in name else None)
             for i, (name, cfg) in enumerate(MOE_CONFIGS.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    """The embedded default (ernie-tiny) compiled once per session for the CPU, max_seq_len 64: the
+    artifact runtime tests load. Tests that modify an artifact work on a copy of it."""
+    from ernie_compile.compiler.options import CompileOptions
+    from ernie_compile.compiler.pipeline import compile_model
+
+    out = tmp_path_factory.mktemp("tiny") / "art"
+    compile_model(CompileOptions(output=out, max_seq_len=64), log=lambda *_: None)
+    return out

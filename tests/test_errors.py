@@ -1,14 +1,19 @@
 """Bad input: a one-line error, exit code 2, no traceback, nothing written at -o."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import signal
+import time
 
 import pytest
 
 from conftest import DENSE_CONFIGS, make_checkpoint, run_cli
-from ernie_compile import cli
-from ernie_compile.errors import USER_ERROR_EXIT
+from ernie_compile import cli, tune_cli
+from ernie_compile.errors import USER_ERROR_EXIT, InternalError, UserError
+from ernie_compile.errors import run_cli as run_cli_guard
 from ernie_compile.runtime import cli as run_cli_main
 
 
@@ -159,3 +164,77 @@ def test_bad_quantization_flags(capsys, tmp_path, flags, match):
     assert cli.main(["-o", str(out), "-q", *flags]) == USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+# --- errors.run_cli: the one place the three CLIs end expected failures ---------------------------
+
+def _ended(capsys, code: int, *words: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == USER_ERROR_EXIT and len(err.splitlines()) == 1 and err.startswith("prog: error: "), err
+    assert all(w in err for w in words), err
+    return err
+
+
+@pytest.mark.parametrize("exc,words", [(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/w.bin"), ["out/w.bin"]),
+                                       (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/x"), ["/x"]),
+                                       (BrokenPipeError(errno.EPIPE, "Broken pipe"), ["broken pipe"]),
+                                       (KeyboardInterrupt(), ["interrupted"]),
+                                       (UserError("first line\nsecond"), ["first line"])])
+def test_expected_failures_end_in_one_line(capsys, exc, words):
+    def fail():
+        raise exc
+
+    _ended(capsys, run_cli_guard("prog", fail), *words)
+
+
+@pytest.mark.parametrize("exc", [InternalError("broken invariant"), ValueError("a bug"),
+                                 OSError(errno.EBADF, "Bad file descriptor")])
+def test_internal_errors_keep_their_traceback(exc):
+    def fail():
+        raise exc
+
+    with pytest.raises(type(exc)):
+        run_cli_guard("prog", fail)
+
+
+def test_sigterm_runs_cleanups_like_ctrl_c(capsys, tmp_path):
+    """A real SIGTERM inside compiler/package.py's staging(): its temporary folder is removed and
+    nothing appears at -o, as for Ctrl-C; the handler the process had is restored afterwards."""
+    from ernie_compile.compiler.package import staging
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def compile_and_get_killed():
+        with staging(tmp_path / "out") as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        return 0
+
+    _ended(capsys, run_cli_guard("prog", compile_and_get_killed), "terminated")
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_argument_errors_are_one_line(capsys, tmp_path):
+    for main, required in ((cli.main, ["-o", str(tmp_path / "o")]), (tune_cli.main, []),
+                           (run_cli_main.main, [str(tmp_path), "--prompt-ids", "1"])):
+        code = main([*required, "--no-such-flag"])
+        err = capsys.readouterr().err.strip()
+        assert code == USER_ERROR_EXIT and len(err.splitlines()) == 1 and "--no-such-flag" in err, err
+
+
+def test_help_lists_every_target_and_every_default():
+    from ernie_compile.targets import TARGETS
+
+    parsers = [cli._parser(), tune_cli._parser(), run_cli_main._parser()]
+    for parser in parsers[:2]:
+        text = parser.format_help()
+        for name in TARGETS:
+            assert name in text, (parser.prog, name)
+        assert "cpu:" in text and "metal:ios" in text
+    for parser in parsers:
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.option_strings and not action.required and action.dest != "help":
+                assert "default" in formatter._get_help_string(action), (parser.prog, action.option_strings)

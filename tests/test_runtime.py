@@ -32,10 +32,8 @@ PROMPT_IDS_ARG = ",".join(map(str, PROMPT_IDS))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "art"
-    compile_model(CompileOptions(output=out, max_seq_len=64), log=lambda *_: None)  # the embedded default
-    return out
+def tiny(tiny_artifact):
+    return tiny_artifact  # the embedded default, compiled once per session (conftest.py)
 
 
 def test_runtime_runs_without_torch(tiny):

@@ -18,11 +18,12 @@ from tvm.relax.frontend.torch import from_exported_program
 
 from ..errors import InternalError
 from ..passes import PassReport
-from ..passes.weight_records import WeightRecord
-from .capture import Captured
 from ..passes.kernel_table import KernelTable
+from ..passes.weight_records import WeightRecord
+# tokens per KV-cache page, baked into the library's kernels; the runtime's schema requires it
+from ..runtime.schema import KV_PAGE_SIZE as PAGE_SIZE
+from .capture import Captured
 
-PAGE_SIZE = 16  # tokens per KV-cache page; the runtime creates the cache with it (manifest kv_cache)
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
 
 

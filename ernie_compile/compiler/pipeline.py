@@ -161,8 +161,9 @@ def _manifest(c: Compile, backend: str) -> dict:
     """The manifest fields every backend writes; each adds its own entry points and files."""
     config = c.loaded.model.config
     eos = config.eos_token_id
+    eos = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     tokenizer = {"files": package.copy_tokenizer(c.loaded.tokenizer_files, c.out),
-                 "bos_token_id": config.bos_token_id, "eos_token_ids": eos if isinstance(eos, list) else [eos]}
+                 "bos_token_id": config.bos_token_id, "eos_token_ids": eos}
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": backend,

@@ -1,12 +1,16 @@
 """ernie-run: generate text from a compiled artifact. Imports no compiler code (for CPU artifacts not
-even TVM's compiler library), and torch only for an artifact of `--backend inductor`."""
+even TVM's compiler library), and torch only for an artifact of `--backend inductor`.
+
+Output: the generated text is streamed to stdout as it comes. With --json nothing is streamed:
+stdout holds exactly one JSON object (tokens, text, finish_reason, speeds), parseable on its own.
+Every expected failure is one line on stderr and exit code 2 (errors.run_cli).
+"""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from ..errors import USER_ERROR_EXIT, UserError
+from ..errors import Parser, UserError, run_cli
 
 
 def _ids(text: str) -> list[int]:
@@ -16,52 +20,72 @@ def _ids(text: str) -> list[int]:
         raise UserError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="ernie-run", description="Run an ernie-compile artifact.")
+def _parser() -> Parser:
+    p = Parser(prog="ernie-run", description="Run an ernie-compile artifact.",
+               epilog="Output: the text streams to stdout; with --json stdout holds only one JSON object "
+                      "(nothing streamed). Errors: one line on stderr, exit code 2.")
     p.add_argument("artifact", help="folder written by ernie-compile -o")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs the artifact's tokenizer)")
     src.add_argument("--prompt-ids", type=_ids, help="prompt as token ids, e.g. 1,5,9")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="stop after this many new tokens (default 32; generation also stops at the "
+                        "artifact's context limit)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, >= 0 (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    try:
-        args = p.parse_args(argv)
-        if args.max_new_tokens < 1:
-            raise UserError("--max-new-tokens must be at least 1")
-        from .artifact import read_manifest
-        from .session import Sampler, Session
-        from .tvm_engine import import_runtime_only_tvm
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (tokens, text, finish_reason, speeds) and nothing else on stdout")
+    return p
 
-        import_runtime_only_tvm(read_manifest(args.artifact, verify=False))
-        sampler = Sampler(args.temperature, args.top_p, args.seed)
-        session = Session(args.artifact)
-        prompt = args.prompt_ids if args.prompt is None else session.tokenizer.encode(args.prompt)
-        new: list[int] = []
-        shown = ""
 
-        def stream(token: int) -> None:  # print the text delta: pieces can merge across tokens
-            nonlocal shown
-            new.append(token)
-            text = session.tokenizer.decode(new)
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
+def _run(argv) -> int:
+    args = _parser().parse_args(argv)
+    from .artifact import load_manifest
+    from .session import Sampler, Session, check_prompt
+    from .tvm_engine import import_runtime_only_tvm
 
-        result = session.generate(prompt, args.max_new_tokens, sampler, stop_at_eos=not args.ignore_eos,
-                                  on_token=stream)
+    # flag values argparse's types let through (nan, -1, 0), refused before the artifact is read
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    sampler = Sampler(args.temperature, args.top_p, args.seed)
+    manifest = load_manifest(args.artifact)  # read and verified once; the imports and Session use it
+    if args.prompt_ids is not None:  # refused before the (possibly large) artifact is loaded
+        check_prompt(args.prompt_ids, manifest.max_seq_len)
+    import_runtime_only_tvm(manifest)
+    session = Session(manifest)
+    prompt = args.prompt_ids if args.prompt is None else session.tokenizer.encode(args.prompt)
+    check_prompt(prompt, session.max_seq_len)
+    new: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:  # print the text delta: pieces can merge across tokens
+        nonlocal shown
+        new.append(token)
+        text = session.tokenizer.decode(new)
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+
+    result = session.generate(prompt, args.max_new_tokens, sampler, stop_at_eos=not args.ignore_eos,
+                              on_token=None if args.json else stream)
+    if args.json:
+        print(json.dumps({"tokens": result.tokens, "text": session.tokenizer.decode(result.tokens),
+                          "finish_reason": result.finish_reason, "prompt_tokens": len(prompt),
+                          "prefill_tok_s": round(result.prefill_tok_s, 2),
+                          "decode_tok_s": round(result.decode_tok_s, 2)}))
+    else:
         sys.stdout.write("\n")
-        if args.json:
-            print(json.dumps({"tokens": result.tokens, "text": session.tokenizer.decode(result.tokens),
-                              "prompt_tokens": len(prompt), "prefill_tok_s": round(result.prefill_tok_s, 2),
-                              "decode_tok_s": round(result.decode_tok_s, 2)}))
-        return 0
-    except UserError as e:
-        print(f"ernie-run: error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        if result.finish_reason == "context":
+            print(f"ernie-run: stopped at the artifact's context limit ({session.max_seq_len} tokens)",
+                  file=sys.stderr)
+    sys.stdout.flush()  # here, not at exit: a closed or full stdout is then reported like any error
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli("ernie-run", lambda: _run(argv))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .artifact import read_manifest
+from .artifact import Manifest, load_manifest
 from .tokenizer import Tokenizer
 
 
@@ -30,10 +31,13 @@ class Sampler:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise UserError(f"--temperature {self.temperature}: must be >= 0")
-        if not 0 < self.top_p <= 1:
+        # NaN compares false with everything: `temperature < 0` alone lets it through to the softmax
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"--temperature {self.temperature}: must be a finite number >= 0")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise UserError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise UserError(f"--seed {self.seed}: must be an integer >= 0")
 
     def make(self):
         rng = np.random.default_rng(self.seed)
@@ -41,8 +45,10 @@ class Sampler:
         def pick(logits: np.ndarray) -> int:
             if self.temperature == 0:
                 return int(np.argmax(logits))
-            z = logits.astype(np.float64) / self.temperature
-            p = np.exp(z - z.max())
+            # shifted before dividing: a tiny temperature sends the others to -inf (p 0), never to NaN
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                z = (logits.astype(np.float64) - logits.max()) / self.temperature
+                p = np.exp(z)
             p /= p.sum()
             order = np.argsort(-p)
             keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]
@@ -57,6 +63,8 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     prompt_tokens: int = 0
+    # "stop" (an end-of-sequence token), "length" (max_new_tokens), "context" (the artifact's max_seq_len)
+    finish_reason: str = ""
 
     @property
     def prefill_tok_s(self) -> float:
@@ -68,24 +76,37 @@ class GenerationResult:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
 
 
+def check_prompt(prompt: list[int], max_seq_len: int) -> None:
+    """Refuse, before any step runs, a prompt that leaves no room for a new token in the context
+    (prompt + new tokens <= max_seq_len)."""
+    if not prompt:
+        raise UserError("empty prompt")
+    if len(prompt) >= max_seq_len:
+        raise UserError(f"prompt of {len(prompt)} tokens leaves no room for a new token in this artifact's "
+                        f"context of {max_seq_len} (compile with a larger --max-seq-len)")
+
+
 # manifest "backend" → (module, class) of its engine, imported only when an artifact needs it
 ENGINES = {"tvm": ("tvm_engine", "TvmEngine"), "inductor": ("inductor_engine", "InductorEngine"),
            "webgpu": ("webgpu_engine", "WebGpuEngine")}
 
 
 class Session:
-    def __init__(self, folder: str | Path, verify: bool = True):
-        self.folder = Path(folder)
-        self.manifest = m = read_manifest(self.folder, verify=verify)  # hashes checked before any load
-        if m["target"]["device"] == "cpu" and m["target"].get("cross", False):
-            raise UserError(f"{self.folder}: built for {m['target']['spec']}; it does not run on this machine")
-        backend = m.get("backend", "tvm")
-        if backend not in ENGINES:
-            raise UserError(f"{self.folder}: unknown backend {backend!r}; this runtime runs {', '.join(ENGINES)}")
-        module, cls = ENGINES[backend]
+    """An artifact loaded for generation. `artifact` is its folder, or the Manifest that
+    runtime/artifact.py's load_manifest returned for it (ernie-run: read and verified once)."""
+
+    def __init__(self, artifact: str | Path | Manifest, verify: bool = True):
+        manifest = artifact if isinstance(artifact, Manifest) else load_manifest(artifact, verify=verify)
+        self.manifest = manifest
+        self.folder = manifest.folder
+        m = manifest.data
+        if manifest.device == "cpu" and m["target"]["cross"]:
+            raise UserError(f"{self.folder}: built for {m['target']['spec']} (a cross build); it does not run "
+                            "on this machine — copy it to a machine of that kind")
+        module, cls = ENGINES[manifest.backend]  # the schema admits only these backends
         self._engine = getattr(importlib.import_module(f".{module}", __package__), cls)(self.folder, m)
-        self.max_seq_len = m["kv_cache"]["max_seq_len"]
-        self.eos_token_ids = set(m["tokenizer"]["eos_token_ids"])
+        self.max_seq_len = manifest.max_seq_len
+        self.eos_token_ids = {i for i in m["tokenizer"]["eos_token_ids"] if i is not None}
         self.vocab_size = m["vocab_size"]
         self.tokenizer = Tokenizer(self.folder, m["tokenizer"])
         self.reset()
@@ -116,6 +137,11 @@ class Session:
 
     def generate(self, prompt: list[int], max_new_tokens: int, sampler: Sampler = Sampler(),
                  stop_at_eos: bool = True, on_token=None) -> GenerationResult:
+        """Up to max_new_tokens after `prompt`; stops early at an end-of-sequence token (stop_at_eos)
+        or when prompt + new tokens fill the context, and says which in `finish_reason`."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+        check_prompt(prompt, self.max_seq_len)
         self.reset()
         pick = sampler.make()
         result = GenerationResult(prompt_tokens=len(prompt))
@@ -123,13 +149,20 @@ class Session:
         logits = self.forward(list(prompt))
         result.prefill_seconds = time.perf_counter() - t
         t = time.perf_counter()
-        while len(result.tokens) < max_new_tokens:
+        while True:
             token = pick(logits)
             result.tokens.append(token)
             if on_token:
                 on_token(token)
-            if (stop_at_eos and token in self.eos_token_ids) or len(result.tokens) == max_new_tokens:
-                break
-            logits = self.forward([token])
+            if stop_at_eos and token in self.eos_token_ids:
+                result.finish_reason = "stop"
+            elif len(result.tokens) == max_new_tokens:
+                result.finish_reason = "length"
+            elif self.length + 1 >= self.max_seq_len:  # the token just picked fills the context
+                result.finish_reason = "context"
+            else:
+                logits = self.forward([token])
+                continue
+            break
         result.decode_seconds = time.perf_counter() - t
         return result

@@ -13,20 +13,22 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InternalError, UserError
+from .artifact import Manifest
 
 # safetensors dtype names → numpy (the dtypes our artifacts store)
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
                       "I16": np.int16, "U16": np.uint16, "I32": np.int32, "U32": np.uint32, "I64": np.int64}
 
 
-def import_runtime_only_tvm(manifest: dict) -> None:
+def import_runtime_only_tvm(manifest: Manifest) -> None:
     """Import TVM as a process that only runs the artifact of `manifest` needs it, where that is a
     CPU artifact of this backend: TVM's runtime library alone (TVM_USE_RUNTIME_LIB; the compiler
     library is 250 MB), and without torch, which tvm_ffi imports whenever torch is installed, for
     tensor exchange we do not use. Resident memory after the import: 385 -> 80 MiB. ernie-run calls
-    this first. Does nothing for other artifacts (GPU runtimes are untried without the compiler
-    library) or where TVM is already imported: a process that also compiles needs the whole of it."""
-    if manifest.get("backend", "tvm") != "tvm" or manifest["target"]["device"] != "cpu" or "tvm" in sys.modules:
+    this first, with the manifest load_manifest checked. Does nothing for other artifacts (GPU
+    runtimes are untried without the compiler library) or where TVM is already imported: a process
+    that also compiles needs the whole of it."""
+    if manifest.backend != "tvm" or manifest.device != "cpu" or "tvm" in sys.modules:
         return
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"
     hide_torch = "torch" not in sys.modules
@@ -139,9 +141,7 @@ class TvmEngine:
         # one tensor at a time: the host copy of each is dropped once the device copy exists
         self._weights = [tvm.runtime.tensor(a, self.device)
                          for a in read_tensors(folder / m["weights"]["file"], m["weights"]["order"])]
-        self._prefill = self._vm[m["functions"]["prefill"]]
-        self._decode = self._vm[m["functions"]["decode"]]
-        self._create_kv = self._vm[m["functions"]["create_kv"]]
+        self._prefill, self._decode, self._create_kv = (self._function(folder, m, k) for k in ("prefill", "decode", "create_kv"))
         self._kv_add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
         self._kv_begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
         self._kv_end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
@@ -155,6 +155,14 @@ class TvmEngine:
             self._decode_ids = tvm.runtime.empty((1, 1), "int64", self.device)
             self._decode_pos = tvm.runtime.empty((1, 1), "int64", self.device)
             self._decode_ids_np, self._decode_pos_np = np.from_dlpack(self._decode_ids), np.from_dlpack(self._decode_pos)
+
+    def _function(self, folder: Path, m: dict, key: str):
+        """The library's function the manifest names for `key` (a manifest naming another is refused)."""
+        name = m["functions"][key]
+        try:
+            return self._vm[name]
+        except AttributeError:
+            raise UserError(f"{folder}: functions.{key}: the library has no function {name!r}") from None
 
     def reset(self) -> None:
         """A new, empty KV cache holding one sequence."""

@@ -37,7 +37,7 @@ export async function loadArtifact(baseUrl = "./", { log = () => {} } = {}) {
     throw new Error("crypto.subtle is unavailable (serve the page from https or localhost) — cannot verify sha256");
   }
   const manifest = JSON.parse(await fetchText(new URL("manifest.json", base)));
-  if (manifest.format_version !== 1 || manifest.backend !== "webgpu") {
+  if (manifest.format_version !== 2 || manifest.backend !== "webgpu") {
     throw new Error(`not a WebGPU artifact (format_version ${manifest.format_version}, backend "${manifest.backend}")`);
   }
   const files = manifest.files || {};
