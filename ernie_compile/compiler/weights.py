@@ -121,6 +121,28 @@ def meta_model(config):
     return model.eval()
 
 
+def fake_parameters(model):
+    """Make a meta_model exportable by the existing capture: every meta parameter (a tied pair once)
+    becomes a FakeTensor that claims the CPU, and the returned FakeTensorMode is the one to run
+    capture() under (`with fake_parameters(model): capture(model, …)`). Plain meta parameters fail
+    there ("Tensor on device meta is not on the expected device cpu": the ids are CPU tensors); fake
+    ones trace exactly as real ones, allocate nothing, and reach TVM's importer as DLPack views of a
+    null pointer that nothing reads (lower.py drops the importer's "params" attribute)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # buffers (RoPE inv_freq) stay real tensors
+    fakes: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for leaf, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in fakes:
+                    fakes[id(p)] = torch.nn.Parameter(FakeTensor(mode, p.data, torch.device("cpu")),
+                                                      requires_grad=p.requires_grad)
+                module._parameters[leaf] = fakes[id(p)]
+    return mode
+
+
 class WeightSource:
     """The transformers state-dict view of some weights, produced on demand as float32 numpy arrays.
 

@@ -18,7 +18,7 @@ from conftest import DENSE_CONFIGS, MOE_CONFIGS
 from ernie_compile.compiler import weights as weights_mod
 from ernie_compile.compiler.load import load
 from ernie_compile.compiler.presets import PRESETS, PresetSource
-from ernie_compile.compiler.weights import CheckpointSource, meta_model
+from ernie_compile.compiler.weights import CheckpointSource, fake_parameters, meta_model
 from ernie_compile.errors import UserError
 
 
@@ -239,3 +239,23 @@ def test_load_keeps_its_contract():
     for name in loaded.weights.names():
         np.testing.assert_array_equal(sd[name].numpy(), loaded.weights.get(name))
     assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+
+
+def test_weightless_capture_is_the_real_capture():
+    """The existing capture on a meta model with fake parameters records the same graphs, the same
+    parameters, as on the materialized model: what a streaming compile needs from capture."""
+    from ernie_compile.compiler.capture import capture
+    from ernie_compile.passes import select_passes
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    small = dict(num_hidden_layers=2, moe_layer_end_index=1, vocab_size=256, hidden_size=32, intermediate_size=48,
+                 moe_intermediate_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=16, moe_num_experts=4)
+    real = load("ernie-4.5-21b-a3b", overrides=small).model
+    weightless = load("ernie-4.5-21b-a3b", overrides=small, materialize=False).model
+    with fake_parameters(weightless):
+        fake = capture(weightless, 16, select_passes(weightless.config))
+    ref = capture(real, 16, select_passes(real.config))
+    assert fake.param_names == ref.param_names
+    for step in ("prefill", "decode"):
+        assert getattr(fake, step).graph_module.code == getattr(ref, step).graph_module.code
+    assert all(isinstance(t, FakeTensor) for t in fake.prefill.state_dict.values())  # nothing allocated
