@@ -1,4 +1,9 @@
-"""Stage 1: a checkpoint folder or a preset name → transformers' own model, in eval mode, fp32.
+"""Stage 1: a checkpoint folder or a preset name → transformers' own model, in eval mode, fp32,
+and a WeightSource that produces its weights one tensor at a time (compiler/weights.py).
+
+The model is built on the meta device; `materialize=True` (the default, what tests and the inductor
+backend want) fills it from the source, `materialize=False` leaves it weightless for a streaming
+compile, which reads each weight from `LoadedModel.weights` as it writes the artifact.
 
 Everything a user can get wrong about the input is checked here, before any expensive work, and
 reported as a one-line UserError.
@@ -10,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .presets import PRESETS
+from .presets import PRESETS, PresetSource
+from .weights import CheckpointSource, WeightSource, meta_model
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # Files a runtime needs to turn text into ids and back; copied into the artifact when present.
@@ -24,11 +30,12 @@ NOT_YET = {"ernie4_5_vl_moe": "the vision-language model is not supported yet"}
 
 @dataclass
 class LoadedModel:
-    """A transformers model ready for capture, plus where it came from."""
+    """A transformers model ready for capture, plus where it and its weights came from."""
 
-    model: object  # transformers PreTrainedModel, eval mode, float32
+    model: object  # transformers PreTrainedModel, eval mode, float32 (on the meta device if not materialized)
     source: str  # folder path or preset name
     tokenizer_files: dict[str, Path] = field(default_factory=dict)
+    weights: WeightSource | None = None  # the same weights, in transformers' names, read one at a time
 
 
 def _model_class(model_type: str | None):
@@ -41,10 +48,9 @@ def _model_class(model_type: str | None):
     raise UserError(f"unknown model_type {model_type!r} in config.json; supported: {', '.join(sorted(SUPPORTED))}")
 
 
-def load_preset(name: str, seed: int = 0, overrides: dict | None = None) -> LoadedModel:
-    """Build a preset with deterministic random weights (no download). `overrides` change config
-    fields, e.g. fewer layers of the real shapes for a benchmark that must fit in memory."""
-    import torch
+def load_preset(name: str, seed: int = 0, overrides: dict | None = None, materialize: bool = True) -> LoadedModel:
+    """A preset with deterministic random weights (no download). `overrides` change config fields,
+    e.g. fewer layers of the real shapes for a benchmark that must fit in memory."""
     import transformers
 
     if name not in PRESETS:
@@ -54,27 +60,19 @@ def load_preset(name: str, seed: int = 0, overrides: dict | None = None) -> Load
         if key not in spec and key not in ("moe_num_experts", "moe_k", "moe_num_shared_experts"):
             raise UserError(f"--preset-override {key}: not a field of preset {name}")
         spec[key] = value
-    cls = _model_class(spec["model_type"])
+    _model_class(spec["model_type"])
     config = transformers.AutoConfig.for_model(**spec)
-    torch.manual_seed(seed)
-    model = cls(config).to(torch.float32).eval()
-    return LoadedModel(model, name, {"tokenizer.model": ASSETS / "tokenizer.model"})
+    model = meta_model(config)
+    weights = PresetSource(config, seed, model)
+    if materialize:
+        weights.materialize(model)
+    return LoadedModel(model, name, {"tokenizer.model": ASSETS / "tokenizer.model"}, weights)
 
 
-def _check_safetensors(files: list[Path]) -> None:
-    from safetensors import safe_open
-
-    for f in files:
-        try:
-            with safe_open(f, "np") as h:
-                h.keys()
-        except Exception as e:  # safetensors raises its own error type for every malformed file
-            raise UserError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-
-
-def load_checkpoint(path: Path) -> LoadedModel:
-    """Load a Hugging Face folder (config.json + *.safetensors) into its transformers class."""
-    import torch
+def load_checkpoint(path: Path, materialize: bool = True) -> LoadedModel:
+    """A Hugging Face folder (config.json + *.safetensors) as its transformers class; its headers,
+    tensor names and shapes are checked here, the tensors are read when asked for."""
+    import transformers
 
     if not path.is_dir():
         raise UserError(f"--model {path}: no such folder, and not a preset ({', '.join(PRESETS)})")
@@ -85,31 +83,27 @@ def load_checkpoint(path: Path) -> LoadedModel:
         model_type = json.loads(cfg_file.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
-    cls = _model_class(model_type)
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise UserError(f"{path}: no *.safetensors weight files")
-    _check_safetensors(weights)
+    _model_class(model_type)
     try:
-        model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as e:
+        config = transformers.AutoConfig.from_pretrained(path)
+        model = meta_model(config)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise UserError(f"{path}: transformers could not load it ({str(e).splitlines()[0]})") from None
-    missing = [k for k in info.get("missing_keys", ()) if k not in getattr(model, "_tied_weights_keys", {})]
-    problems = missing + [str(m) for m in info.get("mismatched_keys", ())]
-    if problems:
-        raise UserError(f"{path}: weights missing or of the wrong shape: {', '.join(map(str, problems[:5]))}"
-                        + (" …" if len(problems) > 5 else ""))
+    weights = CheckpointSource(path, model)  # checks shards, dtypes, names and shapes; reads no tensor
+    if materialize:
+        weights.materialize(model)
     tok = {name: path / name for name in TOKENIZER_FILES if (path / name).is_file()}
-    return LoadedModel(model.eval(), str(path), tok)
+    return LoadedModel(model, str(path), tok, weights)
 
 
-def load(model: str | None, seed: int = 0, overrides: dict | None = None) -> LoadedModel:
-    """A preset name, a folder, or None for the embedded default."""
+def load(model: str | None, seed: int = 0, overrides: dict | None = None, materialize: bool = True) -> LoadedModel:
+    """A preset name, a folder, or None for the embedded default. `materialize=False`: the model
+    stays on the meta device and only `weights` holds (reads) the values."""
     if model is None or model in PRESETS:
-        return load_preset(model or "ernie-tiny", seed, overrides)
+        return load_preset(model or "ernie-tiny", seed, overrides, materialize)
     if overrides:
         raise UserError("--preset-override applies to presets only, not to checkpoint folders")
-    return load_checkpoint(Path(model))
+    return load_checkpoint(Path(model), materialize)
 
 
 def cast(model, dtype: str) -> None:

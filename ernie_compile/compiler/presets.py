@@ -1,10 +1,17 @@
 """Built-in model configs: the embedded default and the real ERNIE 4.5 architectures.
 
-Presets build transformers' own model class with deterministic random weights, so benchmarks run on
-the real layer shapes without any download. The numbers are those of Baidu's published config.json
-files for each checkpoint.
+Presets give transformers' own model class deterministic random weights, so benchmarks run on the
+real layer shapes without any download. The numbers are those of Baidu's published config.json
+files for each checkpoint. The weights come from a `PresetSource`: each tensor is drawn when asked
+for, so a 300B preset costs no memory until a compile writes its weights one at a time.
 """
 from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from .weights import WeightSource, meta_model
 
 DEFAULT_PRESET = "ernie-tiny"
 
@@ -35,3 +42,51 @@ PRESETS: dict[str, dict] = {
                                 moe_layer_end_index=53, moe_layer_interval=1, moe_norm_min=1e-12,
                                 tie_word_embeddings=False),
 }
+
+
+class PresetSource(WeightSource):
+    """Random weights generated on demand, seeded per tensor and, for stacked MoE tensors [E, …], per
+    expert, so `get(name, index=e)` draws expert e alone and equals `get(name)[e]`. Values follow
+    transformers' _init_weights for these classes: norm weights ones, biases and the router's
+    e_score_correction_bias zeros, the embedding's padding row zeros, every other weight
+    normal(0, config.initializer_range)."""
+
+    def __init__(self, config, seed: int = 0, model=None):
+        super().__init__(model if model is not None else meta_model(config))
+        self.seed = seed
+        self._std = float(config.initializer_range)
+
+    def dtype(self, name: str) -> str:
+        return "float32"
+
+    def stacked(self, name: str) -> bool:
+        return len(self.shape(name)) == 3  # the experts' gate_up_proj [E, 2I, H] and down_proj [E, H, I]
+
+    def get(self, name: str, index: int | None = None) -> np.ndarray:
+        name = self._resolve(name)
+        shape = self._shapes[name]
+        if not self.stacked(name):
+            value = self._draw(name, shape, 0)
+            return value if index is None else np.ascontiguousarray(value[index])
+        if index is not None:
+            if not 0 <= index < shape[0]:
+                raise IndexError(f"{name}: index {index} outside [0, {shape[0]})")
+            return self._draw(name, shape[1:], index + 1)
+        return np.stack([self._draw(name, shape[1:], e + 1) for e in range(shape[0])])  # [E, …]
+
+    def _draw(self, name: str, shape: tuple[int, ...], stream: int) -> np.ndarray:
+        import torch
+
+        owner, _, leaf = name.rpartition(".")
+        module = self._meta.get_submodule(owner)
+        kind = type(module).__name__
+        if "RMSNorm" in kind or "LayerNorm" in kind:
+            return np.full(shape, 1.0 if leaf == "weight" else 0.0, np.float32)
+        if leaf == "bias" or leaf == "e_score_correction_bias":
+            return np.zeros(shape, np.float32)
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), stream])
+        value = rng.standard_normal(shape, dtype=np.float32)
+        value *= np.float32(self._std)
+        if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+            value[module.padding_idx] = 0.0  # as nn.Embedding's init (and transformers') leaves it
+        return value
