@@ -10,6 +10,8 @@ gets no `create_kv`; its step functions take (input_ids, position_ids, k_cache_0
 """
 from __future__ import annotations
 
+import contextlib
+
 import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend import nn
@@ -133,6 +135,28 @@ class LoweringContext:
         return self.kernels.get(name, make)
 
 
+@contextlib.contextmanager
+def _weightless_params():
+    """The importer converts every parameter to a TVM tensor for a "params" attribute we drop
+    (the artifact carries the weights). A streaming compile captures parameters as fake tensors,
+    which hold no data: they become empty placeholders instead of views of nothing."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    convert = ExportedProgramImporter.__dict__["_convert_pytorch_tensor_to_tvm"]
+
+    def placeholder(tensor):
+        if isinstance(tensor, FakeTensor) or tensor.is_meta:
+            return tvm.runtime.empty((0,), str(tensor.dtype).removeprefix("torch."))
+        return convert.__func__(tensor)
+
+    ExportedProgramImporter._convert_pytorch_tensor_to_tvm = staticmethod(placeholder)
+    try:
+        yield
+    finally:
+        ExportedProgramImporter._convert_pytorch_tensor_to_tvm = convert
+
+
 def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: LoweringContext,
                  param_names: dict[str, str]) -> tuple[relax.Function, list[WeightRecord]]:
     """One ExportedProgram → (the Relax step function `name`, the weights it takes, in order).
@@ -141,8 +165,9 @@ def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: Lowering
     convert_map = {p.OP_NAME: p.converter(r, ctx) for p, r in zip(passes, reports)}
     convert_map["select.int"] = _select_int
     convert_map["slice.Tensor"] = _slice
-    mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
-                                custom_convert_map=convert_map)
+    with _weightless_params():
+        mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
+                                    custom_convert_map=convert_map)
     f = mod["main"]
     n_in = int(f.attrs["num_input"])
     used = {str(v) for v in relax.analysis.free_vars(f.body)}

@@ -60,17 +60,6 @@ CHUNK_BYTES = 64 << 20  # float32 bytes of one weight chunk read, quantized and 
 PROGRESS_BYTES = 256 << 20  # artifacts of more weight bytes than this show a progress bar
 
 
-class StateDictSource:
-    """A weight source over a model held in memory (its state dict in the dtypes it was cast to)."""
-
-    def __init__(self, model):
-        self.state = model.state_dict()
-
-    def get(self, name: str, index: int | None = None):
-        value = self.state[name] if index is None else self.state[name][index]
-        return value.detach().float().numpy() if str(value.dtype) == "torch.bfloat16" else value.detach().numpy()
-
-
 def _chunks(record, source):
     """(first row along axis 0, float value of rows [first, first + len)) of `record`'s weight, in
     chunks of about CHUNK_BYTES: a stacked expert tensor [E, N, K] one expert at a time (read from
@@ -126,9 +115,9 @@ class RegionWriter:
     """Writes chunks of stored tensors at the file offsets laid out for them beforehand, so the
     chunks of several tensors (a quantized weight's codes, scales and offsets) may interleave."""
 
-    def __init__(self, total_bytes: int, log):
+    def __init__(self, total_bytes: int):
         self.files: dict[Path, int] = {}
-        self.bar = _progress(total_bytes, log)
+        self.bar = _progress(total_bytes)
 
     def open(self, path: Path, prefix: bytes = b"") -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -163,14 +152,15 @@ def np_bytes(array):
     return array.reshape(-1).view("uint8")
 
 
-def _progress(total: int, log):
+def _progress(total: int):
     """A bar over the bytes written (tqdm), where the artifact is large enough to wait for."""
-    if total < PROGRESS_BYTES or log is None or getattr(log, "quiet", False):
+    if total < PROGRESS_BYTES:
         return None
     from tqdm import tqdm
 
+    # disable=None: only on a terminal (no bar in logs, pipes and CI)
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="weights", leave=False,
-                mininterval=1.0)
+                mininterval=1.0, disable=None)
 
 
 def write_safetensors(out_dir: Path, records: list, source, log, file: str = "weights.safetensors") -> tuple[dict, dict]:
@@ -191,7 +181,7 @@ def write_safetensors(out_dir: Path, records: list, source, log, file: str = "we
     base = 8 + len(text)
     path = out_dir / file
     errors = {}
-    writer = RegionWriter(offset, log)
+    writer = RegionWriter(offset)
     try:
         writer.open(path, struct.pack("<Q", len(text)) + text)
         os.truncate(path, base + offset)

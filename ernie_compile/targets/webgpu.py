@@ -111,7 +111,7 @@ class WebGpuTarget(Target):
             offset += b["bytes"]
             shards[-1]["bytes"] = offset
         errors = {}
-        writer = package.RegionWriter(sum(b["bytes"] for b in buffers), log)
+        writer = package.RegionWriter(sum(b["bytes"] for b in buffers))
         try:
             for s in shards:
                 writer.open(out_dir / s["file"])
