@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -102,24 +103,25 @@ def llamacpp_peer(model, folder: Path, prompt: int, decode: int) -> dict | None:
 
 
 def decode_weight_bytes(folder: Path) -> int:
-    """Bytes of weights a decode step reads: the whole weight file (the embedding rows it skips are
-    offset by the tied lm_head reading that table in full), less the offsets of symmetric vnni16
-    weights, which the int8 kernels derive from the scale instead of reading (targets/cpu_vnni.py)."""
-    from safetensors import safe_open
-
+    """Bytes of weights a decode step reads: every stored tensor (the embedding rows it skips are
+    offset by the tied lm_head reading that table in full), the routed experts' stacked tensors at
+    top_k / num_experts of their size (only the chosen experts are read), and not the offsets of
+    symmetric vnni16 weights, which the int8 kernels derive from the scale (targets/cpu_vnni.py)."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    if not manifest["weights"].get("quantized"):  # float weights (either backend): all of them are read
-        return (folder / "weights.safetensors").stat().st_size
-    symmetric_vnni = {name.replace(".", "_") for name, q in manifest["weights"]["quantized"].items()
-                      if q["layout"] == "vnni16" and q["symmetric"]}
-    unread = [part for part in manifest["weights"]["order"]  # part names: the weight's, "." → "_"
-              if part.endswith("_qmin") and part[:-len("_qmin")] in symmetric_vnni]
-    size = (folder / "weights.safetensors").stat().st_size
-    with safe_open(str(folder / "weights.safetensors"), "np") as f:
-        for name in unread:
-            part = f.get_slice(name)
-            size -= int(np.prod(part.get_shape())) * (2 if part.get_dtype() == "F16" else 4)
-    return size
+    config = manifest["model"]["config"]
+    active = config["moe_k"] / config["moe_num_experts"] if config.get("moe_num_experts") else 1.0
+    quantized = manifest["weights"].get("quantized") or {}
+    unread = {f"{name}.qmin" for name, q in quantized.items() if q["layout"] == "vnni16" and q["symmetric"]}
+    with open(folder / manifest["weights"]["file"], "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    total = 0.0
+    for name, meta in header.items():
+        if name == "__metadata__" or name in unread:
+            continue
+        begin, end = meta["data_offsets"]
+        total += (end - begin) * (active if ".experts." in name and "shared_experts" not in name else 1.0)
+    return int(total)
 
 
 def kv_bytes_per_token(config: dict, elem_bytes: int) -> int:

@@ -25,7 +25,8 @@ def _parser() -> Parser:
                                        "(default: sm_80,sm_86,sm_89,sm_90)")
     p.add_argument("--backend", default="tvm", choices=["tvm", "inductor"],
                    help="tvm, or inductor: torch.export + AOTInductor with a static KV cache, "
-                        "our in-house baseline (cpu, float32 only)")
+                        "our in-house baseline (cpu, float32 only; it loads the whole model into memory, "
+                        "where tvm streams the weights one tensor at a time)")
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact folder to write")
     p.add_argument("--dtype", choices=["float32", "float16"],
                    help="activations and float weights (default: float32 on cpu, float16 on GPU targets)")

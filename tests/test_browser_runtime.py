@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from browser import chromium_available, run_page
+from ernie_compile.runtime.artifact import FORMAT_VERSION
 
 pytestmark = pytest.mark.skipif(chromium_available() is not None, reason=str(chromium_available()))
 
@@ -174,7 +175,7 @@ def make_artifact(folder: Path, weights: dict, eos: list[int], dtype: str = "flo
     for name in ("index.html", "ernie-webgpu.js"):
         shutil.copyfile(WEB / name, folder / name)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    manifest = {"format_version": 1, "backend": "webgpu", "vocab_size": V,
+    manifest = {"format_version": FORMAT_VERSION, "backend": "webgpu", "vocab_size": V,
                 "tokenizer": {"files": [], "bos_token_id": None, "eos_token_ids": eos},
                 "files": {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -62,9 +62,9 @@ PROGRESS_BYTES = 256 << 20  # artifacts of more weight bytes than this show a pr
 
 def _chunks(record, source):
     """(first row along axis 0, float value of rows [first, first + len)) of `record`'s weight, in
-    chunks of about CHUNK_BYTES: a stacked expert tensor [E, N, K] one expert at a time (read from
-    the source one expert at a time), a 2-D weight in blocks of rows (a multiple of 16, so vnni16
-    tiles stay whole)."""
+    chunks of about CHUNK_BYTES read from the source only as they are needed: a stacked expert
+    tensor [E, N, K] one expert at a time, a 2-D weight in blocks of rows (a multiple of 16, so
+    vnni16 tiles stay whole); a chunk of a concatenation takes its rows from the parts it spans."""
     import numpy as np
 
     if len(record.shape) == 3:
@@ -73,17 +73,25 @@ def _chunks(record, source):
         for e in range(record.shape[0]):
             yield e, source.get(record.sources[0], index=e)[None]
         return
-    parts = [source.get(n) for n in record.sources]
-    value = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if record.rows is not None:  # a row block of a weight split to fit a binding limit
-        value = value[record.rows[0]:record.rows[1]]
-    if tuple(value.shape) != tuple(record.shape):
-        raise InternalError(f"weight {record.name}: the checkpoint gives shape {tuple(value.shape)}, "
-                            f"the compiled code takes {record.shape}")
-    row_bytes = 4 * math.prod(value.shape[1:])
-    step = max(16, CHUNK_BYTES // row_bytes // 16 * 16)
-    for a in range(0, value.shape[0], step):
-        yield a, value[a:a + step]
+    parts, start = [], 0  # (name, first row of the part within the concatenation, its rows)
+    for name in record.sources:
+        n = source.shape(name)[0]
+        parts.append((name, start, n))
+        start += n
+    lo, hi = record.rows if record.rows is not None else (0, start)
+    if hi - lo != record.shape[0]:
+        raise InternalError(f"weight {record.name}: the checkpoint gives {hi - lo} rows, the compiled code takes "
+                            f"{record.shape[0]}")
+    step = max(16, CHUNK_BYTES // max(4 * math.prod(record.shape[1:]), 1) // 16 * 16)
+    for a in range(lo, hi, step):
+        b = min(a + step, hi)
+        pieces = [source.get_rows(name, max(a, p0) - p0, min(b, p0 + n) - p0)
+                  for name, p0, n in parts if p0 < b and a < p0 + n]
+        value = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        if tuple(value.shape[1:]) != tuple(record.shape[1:]):
+            raise InternalError(f"weight {record.name}: the checkpoint gives rows of {value.shape[1:]}, "
+                                f"the compiled code takes {record.shape[1:]}")
+        yield a - lo, value
 
 
 def produce(record, source, errors: dict):

@@ -44,6 +44,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+ROW_BLOCK = 4096  # rows of a 2-D preset weight drawn from one seed (get_rows draws only the blocks it needs)
+
+
 class PresetSource(WeightSource):
     """Random weights generated on demand, seeded per tensor and, for stacked MoE tensors [E, …], per
     expert, so `get(name, index=e)` draws expert e alone and equals `get(name)[e]`. Values follow
@@ -66,7 +69,7 @@ class PresetSource(WeightSource):
         name = self._resolve(name)
         shape = self._shapes[name]
         if not self.stacked(name):
-            value = self._draw(name, shape, 0)
+            value = self.get_rows(name, 0, shape[0]) if shape else self._draw(name, shape, 0)
             return value if index is None else np.ascontiguousarray(value[index])
         if index is not None:
             if not 0 <= index < shape[0]:
@@ -74,7 +77,20 @@ class PresetSource(WeightSource):
             return self._draw(name, shape[1:], index + 1)
         return np.stack([self._draw(name, shape[1:], e + 1) for e in range(shape[0])])  # [E, …]
 
-    def _draw(self, name: str, shape: tuple[int, ...], stream: int) -> np.ndarray:
+    def get_rows(self, name: str, first: int, end: int) -> np.ndarray:
+        """Rows of a 2-D (or 1-D) tensor, drawn in blocks of ROW_BLOCK rows seeded per block, so a
+        range costs only its blocks and get() is the same blocks end to end."""
+        name = self._resolve(name)
+        shape = self._shapes[name]
+        if self.stacked(name):
+            return np.ascontiguousarray(self.get(name)[first:end])
+        lo, hi = first // ROW_BLOCK, -(-end // ROW_BLOCK)
+        blocks = [self._draw(name, (min(ROW_BLOCK, shape[0] - b * ROW_BLOCK), *shape[1:]), -(b + 1), row0=b * ROW_BLOCK)
+                  for b in range(lo, hi)]
+        value = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        return np.ascontiguousarray(value[first - lo * ROW_BLOCK:end - lo * ROW_BLOCK])
+
+    def _draw(self, name: str, shape: tuple[int, ...], stream: int, row0: int = 0) -> np.ndarray:
         import torch
 
         owner, _, leaf = name.rpartition(".")
@@ -84,9 +100,10 @@ class PresetSource(WeightSource):
             return np.full(shape, 1.0 if leaf == "weight" else 0.0, np.float32)
         if leaf == "bias" or leaf == "e_score_correction_bias":
             return np.zeros(shape, np.float32)
-        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), stream])
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), stream % (1 << 32)])
         value = rng.standard_normal(shape, dtype=np.float32)
         value *= np.float32(self._std)
-        if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
-            value[module.padding_idx] = 0.0  # as nn.Embedding's init (and transformers') leaves it
+        if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None and \
+                row0 <= module.padding_idx < row0 + shape[0]:
+            value[module.padding_idx - row0] = 0.0  # as nn.Embedding's init (and transformers') leaves it
         return value

@@ -78,8 +78,12 @@ def test_gpu_graph_matches_eager(case, tmp_path, request):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
                                                      attn_implementation="eager").eval()
         model.generation_config.eos_token_id = None
-    if bits:  # the fake-quant reference: transformers eager on the dequantized weights
-        model = fake_quant(model, QuantPolicy.parse(bits))
+    if bits:  # the fake-quant reference: transformers eager on the dequantized weights, quantized from
+        # the checkpoint's own (float32) values, as the compiler reads them, then held in the model's dtype
+        quantized = fake_quant(eager_model(folder), QuantPolicy.parse(bits)).state_dict()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(quantized[name].to(p.dtype))
     session = Session(out)
     with torch.no_grad():
         err = rel_error(session.forward(PROMPT_IDS), model(torch.tensor([PROMPT_IDS])).logits[0, -1])
