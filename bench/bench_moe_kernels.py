@@ -35,7 +35,7 @@ import tvm  # noqa: E402
 from common import print_table  # noqa: E402
 from membw import ReadBandwidth  # noqa: E402
 
-from ernie_compile.compiler.quantize import QuantSpec  # noqa: E402
+from ernie_compile.quant import QuantSpec  # noqa: E402
 from ernie_compile.runtime.tvm_engine import pin_thread_count  # noqa: E402
 from ernie_compile.targets import cpu_kernels, cpu_moe  # noqa: E402
 from ernie_compile.targets.cpu import CpuTarget  # noqa: E402
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=cpu_moe.CHUNK)
     args = ap.parse_args()
     pin_thread_count(tvm)  # one thread per core, as ernie-run runs (runtime/tvm_engine.py)
-    target = CpuTarget.from_spec(None).tvm_target()
+    target = CpuTarget.from_spec(None).tvm
     rng = np.random.default_rng(0)
     probe = ReadBandwidth()
     sets = decode_sets(rng, EXPERTS // TOP_K)

@@ -1,5 +1,5 @@
 """The MoE grouped GEMMs with int8 activations on x86 AVX-512 VNNI, over stacked expert weights in
-the "vnni16" layout (compiler/quantize.py, leading axis E: each expert's [N, K] is a vnni16 weight
+the "vnni16" layout (ernie_compile/quant.py, leading axis E: each expert's [N, K] is a vnni16 weight
 of its own, and expert e's tiles follow expert e−1's).
 
 Same calling convention as cpu_kernels.group_gemm_q: x [M, K] rows sorted by expert, indptr [E+1]
@@ -216,7 +216,7 @@ def route_rows(tokens: int, top_k: int, num_experts: int, rng) -> np.ndarray:
 
 
 def _spec(quant: dict):
-    from ..compiler.quantize import QuantSpec
+    from ..quant import QuantSpec
 
     return QuantSpec(**quant)
 

@@ -1,6 +1,6 @@
 """The int8-activation MoE grouped GEMM (targets/cpu_moe.py) against numpy.
 
-Weights: a random stacked [E, N, K] weight quantized by compiler/quantize.py into the vnni16 layout,
+Weights: a random stacked [E, N, K] weight quantized by ernie_compile/quant.py into the vnni16 layout,
 dequantized for the reference. Activations: the reference quantizes them as the kernel does (int8 per
 block of 32, dx = max|x| / 127 in float32, round half to even), so kernel and reference differ only
 in summation order (1e-5 of max|y|); a looser check against the float activations bounds what the
@@ -13,20 +13,20 @@ import numpy as np
 import pytest
 import tvm
 
-from ernie_compile.compiler.quantize import QuantSpec, dequantize, quantize
+from ernie_compile.quant import QuantSpec, dequantize, quantize
 from ernie_compile.targets.cpu import CpuTarget
 from ernie_compile.targets.cpu_moe import TUNABLE, group_gemm_q_vnni, route_rows
 
 HOST = CpuTarget.from_spec(None)
 DOTS = (["portable"] + (["vnni"] if HOST.int8_dot else [])
-        + (["avx2"] if tvm.target.codegen.target_has_features("avx2", HOST.tvm_target()) else []))
+        + (["avx2"] if tvm.target.codegen.target_has_features("avx2", HOST.tvm) else []))
 VNNI_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})  # any CPU with AVX-512 VNNI
 FLOAT_ACT_TOL = 2e-2  # of max|y|: the int8 activations' cost on Gaussian x (seen: ~5e-3 at 4 and 8 bits)
 
 
 def _build(prim, target=None):
     return tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}),
-                       target=target or HOST.tvm_target())
+                       target=target or HOST.tvm)
 
 
 def _run(lib, x, indptr, parts, index_dtype):
@@ -136,7 +136,7 @@ def test_tunable_entry_builds_and_feeds_the_kernel():
     """cpu_moe.TUNABLE as compiler/tuning.py uses it: build(key, params) and inputs(key, m, rng)."""
     tunable = TUNABLE["moe_group_gemm_q_vnni"]
     spec = QuantSpec(4, 32, True, "float16", "vnni16")
-    key = {"target": str(HOST.tvm_target()), "kernel": "moe_group_gemm_q_vnni", "shape": [8, 32, 64, 2],
+    key = {"target": str(HOST.tvm), "kernel": "moe_group_gemm_q_vnni", "shape": [8, 32, 64, 2],
            "dtype": "float32", "quant": spec.as_dict()}
     assert tunable["valid"](key, tunable["default"])
     lib = _build(tunable["build"](key, {**tunable["default"], "int8_dot": "portable"}))
