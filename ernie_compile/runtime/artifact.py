@@ -1,4 +1,5 @@
-"""Read an artifact's manifest and check every file against its sha256 before anything is loaded."""
+"""Read an artifact's manifest and check every file against its sha256 before anything is loaded,
+and that this CPU has the instructions its int8 kernels use."""
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +10,9 @@ from ..errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# manifest quantization "int8_dot" (targets/cpu_vnni.DOTS) → the Linux CPU flag of its instructions
+INT8_DOT_FLAGS = {"vnni": "avx512_vnni", "avx2": "avx2"}
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def sha256(path: Path) -> str:
@@ -39,3 +43,20 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
                 raise UserError(f"{folder}: artifact file {name} does not match its sha256 in the manifest "
                                 "(modified or corrupt); refusing to load it")
     return manifest
+
+
+def check_cpu(folder: Path, manifest: dict) -> None:
+    """Refuse an artifact whose int8-activation kernels use instructions this CPU lacks: it would die
+    of SIGILL at its first step. The flags are Linux's (/proc/cpuinfo); where that cannot be read
+    (other systems) the artifact is let through, as before this check."""
+    dot = (manifest.get("quantization") or {}).get("int8_dot")
+    if dot is None or manifest["target"]["device"] != "cpu":
+        return
+    try:
+        flags = {f for line in CPUINFO.read_text().splitlines() if line.startswith("flags")
+                 for f in line.partition(":")[2].split()}
+    except OSError:
+        return
+    if INT8_DOT_FLAGS.get(dot) not in flags:
+        raise UserError(f"{folder}: its kernels use the {dot!r} int8 dot product, which needs the CPU flag "
+                        f"{INT8_DOT_FLAGS.get(dot, dot)}; this CPU lacks it (recompile here, or with --act-bits none)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .artifact import read_manifest
+from .artifact import check_cpu, read_manifest
 from .tokenizer import Tokenizer
 
 
@@ -79,6 +79,7 @@ class Session:
         self.manifest = m = read_manifest(self.folder, verify=verify)  # hashes checked before any load
         if m["target"]["device"] == "cpu" and m["target"].get("cross", False):
             raise UserError(f"{self.folder}: built for {m['target']['spec']}; it does not run on this machine")
+        check_cpu(self.folder, m)
         backend = m.get("backend", "tvm")
         if backend not in ENGINES:
             raise UserError(f"{self.folder}: unknown backend {backend!r}; this runtime runs {', '.join(ENGINES)}")
