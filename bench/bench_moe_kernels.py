@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128, help="prefill tokens T (M = T·6 rows)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--int8-dot", choices=list(cpu_vnni.DOTS),
-                    help="default: this CPU's (CpuTarget.int8_dot: vnni or avx2) where exact for the bits, else portable")
+                    help="default: this CPU's (CpuTarget.int8_dot) where exact for the bits, else portable")
     ap.add_argument("--no-float", action="store_true", help="skip the float-activation kernel")
     ap.add_argument("--tokens", type=int, default=cpu_moe.TOKENS)
     ap.add_argument("--prefetch", type=int, default=cpu_moe.PREFETCH)

@@ -9,7 +9,9 @@ as it goes:
 
 Any other reader left after the rewrite is an error: no full-precision copy of a quantized weight
 may exist at run time. Each replaced weight's record gains its QuantSpec, so the packager writes
-the quantized tensors in the layout the kernels take.
+the quantized tensors in the layout the kernels take. The kernels of vnni16 weights (int8
+activations, dense and stacked experts alike) are built with the target's int8 dot (Target.int8_dot),
+which their names carry.
 """
 from __future__ import annotations
 
@@ -114,7 +116,8 @@ class _Rewriter(relax.PyExprMutator):
         e, n, k = (int(d) for d in w.ty.shape)
         dtype = x.ty.dtype
         idx = expert_ids.ty.dtype
-        gv = self.kernels.get(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{self._layout(spec)}_{e}x{n}x{k}_{dtype}_{idx}",
+        name = f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{self._layout(spec)}_{e}x{n}x{k}_{dtype}_{idx}"
+        gv = self.kernels.get(name,
                               lambda: self.make.group_gemm_q(e, n, k, spec, dtype, index_dtype=idx, **self._dot(spec)))
         self.sites += 1
         return relax.call_tir(gv, [x, indptr, expert_ids, *parts], call.ty)

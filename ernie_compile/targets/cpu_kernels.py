@@ -170,9 +170,10 @@ def _word_and_slot(c, spec):
 def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None, int8_dot: str | None = None):
     """y[M, N] = x[M, K] · dequant(W)ᵀ with W stored as packed codes + group scales/offsets
     (ernie_compile/quant.py). "vnni16" weights: int8 activations and the `int8_dot` kind of int8
-    dot products (targets/cpu_vnni.py; the target's int8_dot). Decode (M = 1, lanes16) dequantizes in registers inside the dot
-    product; otherwise each task dequantizes 4 weight rows into a buffer and runs the float GEMM
-    tile (_gemm_columns) over all M rows. No full-precision weight matrix exists at any time."""
+    dot products (targets/cpu_vnni.py; the target's int8_dot). Decode (M = 1, lanes16) dequantizes
+    in registers inside the dot product; otherwise each task dequantizes 4 weight rows into a buffer
+    and runs the float GEMM tile (_gemm_columns) over all M rows. No full-precision weight matrix
+    exists at any time."""
     if spec.layout == "vnni16":
         from .cpu_vnni import linear_q_vnni
 

@@ -127,7 +127,7 @@ def _block_math(k: int, spec, dot):
             hi = dot(hi, code_vec(qwf, t, b, j + 4), xq32[(i * blocks + b) * 8 + j + 4])
         return lo + hi
 
-    def block_term(qsf, qmf, dx, sx, t, b, i, idot):  # float32x16: block b's share of y[i, tile]; idot: block_dot's
+    def block_term(qsf, qmf, dx, sx, t, b, i, idot):  # float32x16: block b's share of y[i, tile], idot its block_dot
         scale = T.cast(qsf[T.ramp((t * groups + b * BLOCK // group) * TILE, 1, TILE)], "float32x16")
         if spec.symmetric:  # the offset is −2^(b−1) · scale exactly: 10% fewer bytes read at 4 bits
             return scale * (idot * T.broadcast(dx[i * blocks + b], TILE)
@@ -146,9 +146,10 @@ def linear_q_vnni(n: int, k: int, spec, dtype: str = "float32", tokens: int = 4,
     Parallel over tiles of 16 output rows. Each block of 32 along K: the tile's codes (4 vectors at
     4 bits, 8 at 8 bits) are loaded and split into nibbles, then used for `tokens` rows of x at a
     time (prefill), each with 8 int8 dots (`int8_dot`, one of DOTS: vpdpbusd for "vnni") into
-    int32x16 accumulators that are scaled into the float32x16 one at the block's end. `prefetch`: how many uint32 words ahead of the block being
-    read to prefetch (with weights streamed from DRAM, 0 → 2048 took 3072×1024 from 26 to 33 GB/s
-    here, median; the hardware prefetcher alone lags on the one long stream per thread)."""
+    int32x16 accumulators that are scaled into the float32x16 one at the block's end. `prefetch`:
+    how many uint32 words ahead of the block being read to prefetch (with weights streamed from
+    DRAM, 0 → 2048 took 3072×1024 from 26 to 33 GB/s here, median; the hardware prefetcher alone
+    lags on the one long stream per thread)."""
     bits, group, sdt = spec.bits, spec.group_size, spec.scale_dtype
     words, groups, blocks = spec.words(k), k // group, k // BLOCK
     tiles = n // TILE
