@@ -37,7 +37,7 @@ from membw import ReadBandwidth  # noqa: E402
 
 from ernie_compile.quant import QuantSpec  # noqa: E402
 from ernie_compile.runtime.tvm_engine import pin_thread_count  # noqa: E402
-from ernie_compile.targets import cpu_kernels, cpu_moe  # noqa: E402
+from ernie_compile.targets import cpu_kernels, cpu_moe, cpu_vnni  # noqa: E402
 from ernie_compile.targets.cpu import CpuTarget  # noqa: E402
 
 EXPERTS, TOP_K, HIDDEN, INTER = 64, 6, 2560, 1536
@@ -86,15 +86,16 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--prompt", type=int, default=128, help="prefill tokens T (M = T·6 rows)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--int8-dot", choices=list(cpu_moe.DOTS),
-                    help="default: vnni where this CPU has AVX-512 VNNI, else avx2 (4-bit) or portable (8-bit)")
+    ap.add_argument("--int8-dot", choices=list(cpu_vnni.DOTS),
+                    help="default: this CPU's (CpuTarget.int8_dot) where exact for the bits, else portable")
     ap.add_argument("--no-float", action="store_true", help="skip the float-activation kernel")
     ap.add_argument("--tokens", type=int, default=cpu_moe.TOKENS)
     ap.add_argument("--prefetch", type=int, default=cpu_moe.PREFETCH)
     ap.add_argument("--chunk", type=int, default=cpu_moe.CHUNK)
     args = ap.parse_args()
     pin_thread_count(tvm)  # one thread per core, as ernie-run runs (runtime/tvm_engine.py)
-    target = CpuTarget.from_spec(None).tvm
+    host = CpuTarget.from_spec(None)
+    target = host.tvm
     rng = np.random.default_rng(0)
     probe = ReadBandwidth()
     sets = decode_sets(rng, EXPERTS // TOP_K)
@@ -103,7 +104,7 @@ def main() -> None:
     for bits in args.bits:
         for shape in args.shapes:
             n, k = SHAPES[shape]
-            dot = args.int8_dot or ("vnni" if CpuTarget.from_spec(None).int8_dot else "avx2" if bits == 4 else "portable")
+            dot = args.int8_dot or (host.int8_dot if bits in host.int8_weight_bits else "portable")
             kernels = [(f"int8 act ({dot}), vnni16", QuantSpec(bits, 32, True, "float16", "vnni16"),
                         lambda s: cpu_moe.group_gemm_q_vnni(EXPERTS, n, k, s, tokens=args.tokens, prefetch=args.prefetch,
                                                             chunk=args.chunk, int8_dot=dot), False)]

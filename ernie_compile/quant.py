@@ -55,9 +55,10 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class QuantPolicy:
-    """Bits per weight category; None: that category stays float32. act_bits 8: linears over
-    4- and 8-bit weights quantize their input activations to int8 per block of 32 (the vnni16
-    layout and kernels); None: activations stay float32."""
+    """Bits per weight category; None: that category stays float32. act_bits 8: linears and MoE
+    experts over weights of the bits the target's int8 dot takes (4 and 8 with VNNI, 4 with AVX2)
+    quantize their input activations to int8 per block of 32 (the vnni16 layout and kernels);
+    None: activations stay float32."""
 
     bits: tuple[tuple[str, int | None], ...]
     group_size: int = 32
@@ -92,10 +93,12 @@ class QuantPolicy:
         return cls(tuple(table.items()), group_size, symmetric, scale_dtype, act_bits)
 
     def spec_for(self, weight_name: str, k: int, n: int | None = None,
-                 layouts=("vnni16", "lanes16", "row")) -> QuantSpec | None:
-        """The spec for a weight [n, k] by its transformers name, or None to keep it float. n: the
-        rows of a 2-D weight (None for stacked expert weights, which never take vnni16). `layouts`:
-        those the target's kernels read, preferred first ("row" always works)."""
+                 layouts=("vnni16", "lanes16", "row"), int8_bits=(4, 8)) -> QuantSpec | None:
+        """The spec for a weight [..., n, k] by its transformers name, or None to keep it float. n: its
+        rows (each expert's, for stacked [E, n, k] expert weights; None: unknown, never vnni16).
+        `layouts`: those the target's kernels read, preferred first ("row" always works); `int8_bits`:
+        the weight bits its int8 dot is exact for (Target.int8_weight_bits). With act_bits 8, weights
+        of those bits whose shapes tile (n % 16, k % 32, groups of 32·j) take vnni16: int8 activations."""
         category = category_of(weight_name)
         bits = dict(self.bits).get(category) if category else None
         if bits is None:
@@ -103,7 +106,7 @@ class QuantPolicy:
         group = self.group_size
         while k % group:  # the largest power of two ≤ group_size dividing K
             group //= 2
-        if (self.act_bits == 8 and "vnni16" in layouts and bits in (4, 8) and n is not None and n % LANES == 0
+        if (self.act_bits == 8 and "vnni16" in layouts and bits in int8_bits and n is not None and n % LANES == 0
                 and k % 32 == 0 and group % 32 == 0):
             return QuantSpec(bits, group, self.symmetric, self.scale_dtype, "vnni16")
         per = 32 // bits

@@ -2,8 +2,8 @@
 
 The reference is transformers eager with every quantized weight replaced by dequantize(quantize(W))
 (the issue's "eager fake-quant reference"): the artifact must match it to float tolerance. With
-int8 activations (--act-bits 8) the reference also quantizes each such linear's input per block
-of 32 exactly as the kernels do (quantize_activations below).
+int8 activations (--act-bits 8) the reference also quantizes each such linear's (and MoE expert
+weight's) input per block of 32 exactly as the kernels do (quantize_activations below).
 """
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DENSE_CONFIGS, PROMPT_IDS, eager_greedy, eager_model, rel_error
+from conftest import DENSE_CONFIGS, MOE_CONFIGS, PROMPT_IDS, eager_greedy, eager_model, make_checkpoint, rel_error
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
 from ernie_compile.quant import BITS, QuantPolicy, QuantSpec, dequantize, pack, quantize, unpack
 from ernie_compile.errors import UserError
 from ernie_compile.runtime import Session
+from ernie_compile.targets.cpu import CpuTarget
 
 REL_TOL = 1e-4
+HOST = CpuTarget.from_spec(None)  # its int8_dot: "vnni", "avx2" (4-bit weights only) or None
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -115,12 +117,20 @@ def test_policy_parsing():
 
 
 def _spec(policy: QuantPolicy, name: str, shape) -> QuantSpec | None:
-    return policy.spec_for(name, shape[-1], shape[0] if len(shape) == 2 else None) if len(shape) >= 2 else None
+    """As passes/quantize_weights.py asks for it, for this host's CPU target."""
+    return policy.spec_for(name, shape[-1], shape[-2], HOST.quant_layouts, HOST.int8_weight_bits) \
+        if len(shape) >= 2 else None
+
+
+def _act8(policy: QuantPolicy, name: str, shape) -> bool:
+    spec = _spec(policy, name, shape)
+    return spec is not None and spec.layout == "vnni16"
 
 
 def fake_quant(model, policy: QuantPolicy):
     """The float model the quantized artifact must equal: each weight it quantizes, dequantized;
-    with policy.act_bits 8, also the inputs of the linears whose weights take the vnni16 layout."""
+    with policy.act_bits 8, also the inputs of the linears and stacked experts whose weights take
+    the vnni16 layout on this host."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             spec = _spec(policy, name, p.shape)
@@ -129,13 +139,33 @@ def fake_quant(model, policy: QuantPolicy):
                 p.copy_(torch.from_numpy(dequantize(quantize(w, spec), spec, w.shape[-1])))
     hooked = 0
     for name, module in model.named_modules():
-        linear = isinstance(module, torch.nn.Linear)
-        spec = _spec(policy, name + ".weight", module.weight.shape) if linear else None
-        if spec is not None and spec.layout == "vnni16":
+        if isinstance(module, torch.nn.Linear) and _act8(policy, name + ".weight", module.weight.shape):
             module.register_forward_pre_hook(lambda _, args: (quantize_activations(args[0]),))
             hooked += 1
-    assert hooked > 0 or policy.act_bits is None
+        if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):  # stacked experts [E, N, K]
+            act8 = [_act8(policy, f"{name}.{p}", getattr(module, p).shape) for p in ("gate_up_proj", "down_proj")]
+            if any(act8):
+                module.forward = partial(_experts_act8, module, *act8)
+                hooked += 1
+    int8 = policy.act_bits == 8 and set(dict(policy.bits).values()) & set(HOST.int8_weight_bits)
+    assert hooked > 0 or not int8
     return model
+
+
+def _experts_act8(experts, act8_gate_up: bool, act8_down: bool, hidden_states, top_k_index, top_k_weights):
+    """transformers' eager experts loop (Ernie4_5_MoeExperts.forward) with the input of each expert
+    weight in vnni16 quantized as targets/cpu_moe.py does; any dtype (its grouped-mm default takes
+    no float64). hidden_states [T, H], top_k_index and top_k_weights [T, k]."""
+    out = torch.zeros_like(hidden_states)
+    for e in top_k_index.unique().tolist():
+        tok, pos = torch.where(top_k_index == e)
+        x = hidden_states[tok]  # [rows, H]
+        gate, up = torch.nn.functional.linear(quantize_activations(x) if act8_gate_up else x,
+                                              experts.gate_up_proj[e]).chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up  # [rows, I]
+        y = torch.nn.functional.linear(quantize_activations(h) if act8_down else h, experts.down_proj[e])
+        out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+    return out
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -241,13 +271,9 @@ def test_accuracy_metric_is_zero_for_a_float_artifact(checkpoints, tmp_path):
 
 # --- int8 activations (--act-bits 8): the vnni16 layout and targets/cpu_vnni.py ------------------
 
-def _host_has_vnni() -> bool:
-    from ernie_compile.targets.cpu import CpuTarget
-
-    return CpuTarget.from_spec(None).int8_dot
-
-
-needs_vnni = pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
+needs_int8_dot = pytest.mark.skipif(HOST.int8_dot is None, reason="this CPU has no int8 dot (AVX-512 VNNI or AVX2)")
+# the dots whose kernels run here: the portable one everywhere, and the host's (a VNNI CPU has AVX2 too)
+HOST_DOTS = ["portable"] + {"vnni": ["vnni", "avx2"], "avx2": ["avx2"], None: []}[HOST.int8_dot]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -272,31 +298,52 @@ def test_act8_policy_picks_vnni16_only_where_the_kernels_apply():
     assert p.spec_for("lm_head.weight", 64, 1024).layout == "vnni16"
     assert p.spec_for("model.layers.0.self_attn.o_proj.weight", 64, 40).layout != "vnni16"  # 40 rows: no tiles
     assert p.spec_for("model.layers.0.self_attn.o_proj.weight", 48, 64).layout != "vnni16"  # K not in 32-blocks
-    assert p.spec_for("model.layers.1.mlp.experts.gate_up_proj", 64).layout != "vnni16"  # stacked experts
+    # stacked experts [E, N, K] as dense weights, by each expert's N and K
+    assert p.spec_for("model.layers.1.mlp.experts.gate_up_proj", 64, 96).layout == "vnni16"
+    assert p.spec_for("model.layers.1.mlp.experts.down_proj", 48, 64).layout != "vnni16"  # K = 48
+    assert p.spec_for("model.layers.1.mlp.experts.gate_up_proj", 64).layout != "vnni16"  # rows unknown
     assert p.spec_for("model.layers.0.mlp.up_proj.weight", 64, 64).layout != "vnni16"  # 2 bits
     assert QuantPolicy.parse("4").spec_for("lm_head.weight", 128, 1024).layout == "lanes16"  # act_bits None
+    # an AVX2 target's dot takes 4-bit codes only: 8-bit weights keep float activations
+    assert p.spec_for("lm_head.weight", 64, 1024, int8_bits=(4,)).layout == "lanes16"
+    assert p.spec_for("model.layers.1.mlp.experts.gate_up_proj", 64, 96, int8_bits=(4,)).layout == "vnni16"
+    assert p.spec_for("lm_head.weight", 64, 1024, int8_bits=()).layout == "lanes16"  # no int8 dot
 
 
-def _run(prim, *args, out_shape):
+def test_target_declares_its_int8_dot():
+    """vnni (AVX-512 VNNI) before avx2; a cross triple names no CPU features: no int8 dot."""
     import tvm
 
-    from ernie_compile.targets.cpu import CpuTarget
+    from ernie_compile.targets.cpu import int8_dot
 
-    target = CpuTarget.from_spec(None).tvm
-    lib = tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}), target=target)
+    assert int8_dot(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == "vnni"
+    assert int8_dot(tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})) == "avx2"
+    assert int8_dot(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) is None
+    cross = CpuTarget.from_spec("aarch64-linux-android")
+    assert cross.int8_dot is None and cross.int8_weight_bits == ()
+    assert HOST.int8_weight_bits == {"vnni": (4, 8), "avx2": (4,), None: ()}[HOST.int8_dot]
+
+
+def _run(prim, *args, out_shape, target=None):
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}), target=target or HOST.tvm)
     out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
     return out.numpy()
 
 
-@needs_vnni
+@pytest.mark.parametrize("int8_dot", HOST_DOTS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group,symmetric", [(32, True), (64, False)])
-def test_vnni_kernels_match_numpy_reference(bits, group, symmetric):
+def test_vnni_kernels_match_numpy_reference(bits, group, symmetric, int8_dot):
     """linear_q_vnni = quantize_activations(x) · dequantize(W)ᵀ (1e-5 relative), for decode (M = 1)
-    and prefill (blocks of 4 rows plus a remainder); take_q_vnni = dequantize(W) rows exactly."""
-    from ernie_compile.targets.cpu_vnni import linear_q_vnni, take_q_vnni
+    and prefill (blocks of 4 rows plus a remainder), with each int8 dot this CPU runs (the portable
+    one: the same integers in plain vector arithmetic); take_q_vnni = dequantize(W) rows exactly."""
+    from ernie_compile.targets.cpu_vnni import DOTS, linear_q_vnni, take_q_vnni
 
+    if bits not in DOTS[int8_dot][1]:
+        pytest.skip(f"the {int8_dot} dot is exact for {DOTS[int8_dot][1]}-bit codes only")
     n, k = 48, 192
     spec = QuantPolicy.parse(str(bits), group_size=group, symmetric=symmetric, act_bits=8).spec_for(
         "model.layers.0.mlp.up_proj.weight", k, n)
@@ -313,7 +360,7 @@ def test_vnni_kernels_match_numpy_reference(bits, group, symmetric):
     xq = quantize_activations(torch.from_numpy(x)).numpy().astype(np.float64)
     for rows in (1, 9):
         ref = xq[:rows] @ wd.T.astype(np.float64)
-        got = _run(linear_q_vnni(n, k, spec), x[:rows], *q, out_shape=(rows, n))
+        got = _run(linear_q_vnni(n, k, spec, int8_dot=int8_dot), x[:rows], *q, out_shape=(rows, n))
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
         # and the float-activation result differs: the kernel really quantized x
         assert np.abs(got - x[:rows] @ wd.T).max() > 1e-4 * np.abs(ref).max()
@@ -321,22 +368,47 @@ def test_vnni_kernels_match_numpy_reference(bits, group, symmetric):
     np.testing.assert_array_equal(_run(take_q_vnni(n, k, spec), ids, *q, out_shape=(5, k)), wd[ids])
 
 
-@needs_vnni
+@pytest.mark.parametrize("int8_dot,bits,mcpu,instruction", [("vnni", 4, "znver4", r"vpdpbusd\s[^\n]*%zmm"),
+                                                             ("vnni", 8, "znver4", r"vpdpbusd\s[^\n]*%zmm"),
+                                                             ("avx2", 4, "znver3", r"vpmaddubsw\s[^\n]*%ymm")])
+def test_dense_int8_kernel_builds_with_its_dot(int8_dot, bits, mcpu, instruction):
+    """The dense kernel's dot is the kind asked for, whatever CPU the tests run on (built for one that
+    has it: Zen 4 AVX-512 VNNI, Zen 3 AVX2 alone), and the avx2 dot refuses 8-bit codes (its int16
+    pairs would saturate)."""
+    import re
+
+    import tvm
+
+    from ernie_compile.targets.cpu_vnni import linear_q_vnni
+
+    spec = QuantSpec(bits, 32, True, "float16", "vnni16")
+    prim = linear_q_vnni(64, 256, spec, int8_dot=int8_dot).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": prim}), target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+    assert re.search(instruction, lib.mod.inspect_source("asm"))
+    with pytest.raises(ValueError, match="exact for"):
+        linear_q_vnni(64, 256, QuantSpec(8, 32, True, "float16", "vnni16"), int8_dot="avx2")
+
+
+@needs_int8_dot
 @pytest.mark.parametrize("name,bits", [("gqa-tied-hd48", "4"), ("mqa-untied", "8")])
 def test_act8_dense_artifact_matches_fake_quant_eager(name, bits, checkpoints, tmp_path):
-    """Every linear (and the tied embedding) in vnni16, against the activation-quantizing reference."""
+    """Every linear (and the tied embedding) whose bits the host's int8 dot takes in vnni16, against
+    the activation-quantizing reference; on an AVX2 host 8-bit weights keep float activations."""
     compile_model(CompileOptions(output=tmp_path / "q", model=str(checkpoints[name]), max_seq_len=64, bits=bits,
                                  act_bits="8"), log=lambda *_: None)
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    int8 = int(bits) in HOST.int8_weight_bits
     assert manifest["options"]["act_bits"] == "8" and manifest["quantization"]["act_bits"] == 8
-    assert {q["layout"] for q in manifest["weights"]["quantized"].values()} == {"vnni16"}
+    assert manifest["quantization"]["int8_dot"] == (HOST.int8_dot if int8 else None)
+    layouts = {q["layout"] for q in manifest["weights"]["quantized"].values()}
+    assert layouts == {"vnni16"} if int8 else not layouts & {"vnni16"}
     policy = QuantPolicy.parse(bits, act_bits=8)
     _check_artifact(tmp_path / "q", _act8_reference(eager_model(checkpoints[name]), policy))
-    # the float-activation reference is far outside the tolerance: the check can tell the two apart
-    with torch.no_grad():
-        float_act = fake_quant(eager_model(checkpoints[name]), QuantPolicy.parse(bits))
-        assert rel_error(Session(tmp_path / "q").forward(list(PROMPT_IDS)),
-                         float_act(torch.tensor([PROMPT_IDS])).logits[0, -1]) > 10 * REL_TOL
+    if int8:  # the float-activation reference is far outside the tolerance: the check can tell the two apart
+        with torch.no_grad():
+            float_act = fake_quant(eager_model(checkpoints[name]), QuantPolicy.parse(bits))
+            assert rel_error(Session(tmp_path / "q").forward(list(PROMPT_IDS)),
+                             float_act(torch.tensor([PROMPT_IDS])).logits[0, -1]) > 10 * REL_TOL
 
 
 def _act8_reference(model, policy):
@@ -347,21 +419,38 @@ def _act8_reference(model, policy):
     return fake_quant(model, policy).double()
 
 
-@needs_vnni
-def test_act8_moe_keeps_experts_on_the_float_path(moe_checkpoints, tmp_path):
-    name = "e8-k2-s1-i2-st1"
-    compile_model(CompileOptions(output=tmp_path / "q", model=str(moe_checkpoints[name]), max_seq_len=64,
-                                 bits="4", act_bits="8"), log=lambda *_: None)
-    quantized = json.loads((tmp_path / "q" / "manifest.json").read_text())["weights"]["quantized"]
-    assert {q["layout"] for n, q in quantized.items() if n.endswith("experts.gate_up_proj")} == {"row"}  # K = 64
+@needs_int8_dot
+@pytest.mark.parametrize("moe_inter", [48, 64])
+def test_act8_moe_experts_take_int8_activations(moe_inter, tmp_path):
+    """Stacked experts in vnni16 (group_gemm_q → cpu_moe.group_gemm_q_vnni with the host's dot) as
+    dense weights: moe_intermediate_size 64 puts both gate_up [E, 128, 64] and down [E, 64, 64] there,
+    48 only gate_up (down's K = 48 is no multiple of 32: float activations, row layout)."""
+    folder = make_checkpoint(tmp_path / "ckpt", dict(MOE_CONFIGS["e8-k2-s1-i2-st1"], moe_intermediate_size=moe_inter),
+                             moe=True)
+    report = compile_model(CompileOptions(output=tmp_path / "q", model=str(folder), max_seq_len=64, bits="4",
+                                          act_bits="8"), log=lambda *_: None)
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    quantized = manifest["weights"]["quantized"]
+    assert manifest["quantization"]["int8_dot"] == HOST.int8_dot
+    assert {q["layout"] for n, q in quantized.items() if n.endswith("experts.gate_up_proj")} == {"vnni16"}
+    assert {q["layout"] for n, q in quantized.items() if n.endswith("experts.down_proj")} == \
+        {"vnni16" if moe_inter == 64 else "row"}
     assert quantized["model.layers.1.mlp.shared_experts.up_proj.weight"]["layout"] == "vnni16"
-    # float32 reference: transformers' grouped-mm experts take no float64 (no rounding flip in this case)
-    _check_artifact(tmp_path / "q", fake_quant(eager_model(moe_checkpoints[name]), QuantPolicy.parse("4", act_bits=8)))
+    assert report["passes"]["quantize_weights"]["matched"] > 0
+    policy = QuantPolicy.parse("4", act_bits=8)
+    _check_artifact(tmp_path / "q", _act8_reference(eager_model(folder), policy))
+    with torch.no_grad():  # float activations into the experts are far outside the tolerance
+        float_experts = _act8_reference(eager_model(folder), policy)
+        for module in float_experts.modules():
+            if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
+                module.forward = partial(_experts_act8, module, False, False)
+        assert rel_error(Session(tmp_path / "q").forward(list(PROMPT_IDS)),
+                         float_experts(torch.tensor([PROMPT_IDS])).logits[0, -1]) > 10 * REL_TOL
 
 
 def test_act_bits_resolution(tmp_path):
-    """auto follows the target; 8 on a target without VNNI is a user error; float weights: none."""
-    with pytest.raises(UserError, match="no AVX-512 VNNI"):
+    """auto follows the target; 8 on a target without an int8 dot is a user error; float weights: none."""
+    with pytest.raises(UserError, match="no int8 dot product"):
         compile_model(CompileOptions(output=tmp_path / "x", target="cpu:aarch64-linux-android", bits="4",
                                      act_bits="8"), log=lambda *_: None)
     with pytest.raises(UserError, match="auto, 8 or none"):

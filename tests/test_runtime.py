@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -119,6 +120,28 @@ def test_cross_build_aarch64_android(tmp_path):
             assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
     with pytest.raises(UserError, match="does not run on this machine"):
         Session(out)
+
+
+@pytest.mark.parametrize("int8_dot,flag", [("vnni", "avx512_vnni"), ("avx2", "avx2")])
+def test_int8_kernels_are_refused_on_a_cpu_without_their_instructions(int8_dot, flag, tiny, tmp_path, monkeypatch):
+    """An artifact whose kernels use an int8 dot (manifest quantization "int8_dot") on a CPU whose
+    flags lack its instruction: a one-line user error, not SIGILL mid-run. The CPU is a made-up
+    /proc/cpuinfo; the artifact the float one with that entry written in (the manifest is not hashed)."""
+    from ernie_compile.runtime import Session, artifact
+
+    art = shutil.copytree(tiny, tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    (art / "manifest.json").write_text(json.dumps(dict(manifest, quantization={"int8_dot": int8_dot})))
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(artifact, "CPUINFO", cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx fma\n")
+    with pytest.raises(UserError, match=f"'{int8_dot}' int8 dot product, which needs the CPU flag {flag}") as e:
+        Session(art)
+    assert "\n" not in str(e.value)
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx fma {flag}\n")
+    assert Session(art).forward([1, 2]).shape == (manifest["vocab_size"],)
+    monkeypatch.setattr(artifact, "CPUINFO", tmp_path / "absent")  # not Linux: not checked
+    Session(art)
 
 
 def test_ids_beyond_the_tokenizer_decode_to_a_mark(tiny):

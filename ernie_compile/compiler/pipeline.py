@@ -190,13 +190,16 @@ def _manifest(c: Compile, backend: str) -> dict:
 
 
 def _act_bits(opts: CompileOptions, target: Target) -> str:
-    """--act-bits resolved: "8" or "none" (recorded in the manifest's options)."""
+    """--act-bits resolved: "8" or "none" (recorded in the manifest's options). "8" quantizes the
+    activations of the weights the target's int8 dot takes (Target.int8_weight_bits); the others
+    keep float activations."""
     if opts.act_bits not in ("auto", "8", "none"):
         raise UserError(f"--act-bits {opts.act_bits}: auto, 8 or none")
     if opts.bits is None and opts.embed_bits is None:
         return "none"  # float weights: activations stay float too
     if opts.act_bits == "8" and not target.int8_dot:
-        raise UserError(f"--act-bits 8: target {target.spec} has no AVX-512 VNNI; use --act-bits none")
+        raise UserError(f"--act-bits 8: target {target.spec} has no int8 dot product (AVX-512 VNNI or AVX2); "
+                        "use --act-bits none")
     if opts.act_bits == "auto":
         return "8" if target.int8_dot else "none"
     return opts.act_bits
@@ -300,11 +303,20 @@ def _package(c: Compile) -> None:
         weights={**stored,
                  "fused": {r.weight: list(r.sources) for r in c.weights if len(r.sources) > 1},
                  "quantized": {r.name: r.quant.as_dict() for r in c.weights if r.quant}},
-        quantization=c.policy.as_dict() if c.policy else None,
+        quantization=_quantization(c),
         kv_cache={"max_seq_len": c.opts.max_seq_len, "page_size": PAGE_SIZE},
         passes={r.name: {"matched": r.matched, "expected": r.expected} for r in c.reports},
         tuning=c.tuner.report() if c.opts.tuning_db else None)
     package.write_manifest(c.out, c.manifest)
+
+
+def _quantization(c: Compile) -> dict | None:
+    """The manifest's "quantization": the policy, and the int8 dot its vnni16 kernels were built with
+    (None without any): the runtime refuses the artifact on a CPU without that instruction."""
+    if not c.policy:
+        return None
+    int8 = any(r.quant and r.quant.layout == "vnni16" for r in c.weights)
+    return {**c.policy.as_dict(), "int8_dot": c.target.int8_dot if int8 else None}
 
 
 def _accuracy(c: Compile) -> None:

@@ -9,7 +9,9 @@ as it goes:
 
 Any other reader left after the rewrite is an error: no full-precision copy of a quantized weight
 may exist at run time. Each replaced weight's record gains its QuantSpec, so the packager writes
-the quantized tensors in the layout the kernels take.
+the quantized tensors in the layout the kernels take. The kernels of vnni16 weights (int8
+activations, dense and stacked experts alike) are built with the target's int8 dot (Target.int8_dot),
+which their names carry.
 """
 from __future__ import annotations
 
@@ -46,6 +48,14 @@ class _Rewriter(relax.PyExprMutator):
             return self._group_gemm(call)
         return call
 
+    def _dot(self, spec) -> dict:
+        """The int8 dot kind for a vnni16 weight's kernel (GPU kernels never see vnni16)."""
+        return {"int8_dot": self.target.int8_dot} if spec.layout == "vnni16" else {}
+
+    def _layout(self, spec) -> str:
+        """The layout in a kernel's name, with the int8 dot of a vnni16 one: two kinds never share a kernel."""
+        return f"{spec.layout}_{self.target.int8_dot}" if spec.layout == "vnni16" else spec.layout
+
     def _weight(self, expr):
         return self.quantized.get(expr) if isinstance(expr, relax.Var) else None
 
@@ -65,9 +75,9 @@ class _Rewriter(relax.PyExprMutator):
         static_m = int(m) if self.target.static_m and isinstance(m, (int, tirx.IntImm)) else None
         # the importer may accumulate a float16 linear in float32 (matmul out_dtype): keep its output type
         out = {"out_dtype": call.ty.dtype} if call.ty.dtype != x.ty.dtype else {}
-        gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{spec.layout}_{n}x{k}_{x.ty.dtype}" + (f"_m{static_m}" if static_m else "")
-                              + (f"_{call.ty.dtype}" if out else ""),
-                              lambda: self.make.linear_q(n, k, spec, x.ty.dtype, m=static_m, **out))
+        gv = self.kernels.get(f"linear_q{spec.bits}g{spec.group_size}_{self._layout(spec)}_{n}x{k}_{x.ty.dtype}"
+                              + (f"_m{static_m}" if static_m else "") + (f"_{call.ty.dtype}" if out else ""),
+                              lambda: self.make.linear_q(n, k, spec, x.ty.dtype, m=static_m, **out, **self._dot(spec)))
         y = relax.call_tir(gv, [self.builder_.emit(relax.op.reshape(x, [m, k])), *parts],
                            relax.TensorType((m, n), call.ty.dtype))
         self.sites += 1
@@ -106,8 +116,9 @@ class _Rewriter(relax.PyExprMutator):
         e, n, k = (int(d) for d in w.ty.shape)
         dtype = x.ty.dtype
         idx = expert_ids.ty.dtype
-        gv = self.kernels.get(f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{e}x{n}x{k}_{dtype}_{idx}",
-                              lambda: self.make.group_gemm_q(e, n, k, spec, dtype, index_dtype=idx))
+        name = f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{self._layout(spec)}_{e}x{n}x{k}_{dtype}_{idx}"
+        gv = self.kernels.get(name,
+                              lambda: self.make.group_gemm_q(e, n, k, spec, dtype, index_dtype=idx, **self._dot(spec)))
         self.sites += 1
         return relax.call_tir(gv, [x, indptr, expert_ids, *parts], call.ty)
 
@@ -126,8 +137,8 @@ def run(mod: tvm.IRModule, weights: list[WeightRecord], policy: QuantPolicy, tar
 
     def replace(var, w: WeightRecord):
         shape = w.shape
-        spec = policy.spec_for(w.weight, shape[-1], shape[0] if len(shape) == 2 else None,
-                               target.quant_layouts) if len(shape) >= 2 else None
+        spec = policy.spec_for(w.weight, shape[-1], shape[-2], target.quant_layouts,
+                               target.int8_weight_bits) if len(shape) >= 2 else None
         if spec is None:
             return None
         record = w.replace(quant=spec)

@@ -18,6 +18,9 @@ from . import schema
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: "files" mandatory, paths confined, target.cross instead of runnable_here
+# manifest quantization "int8_dot" (targets/cpu_vnni.DOTS) → the Linux CPU flag of its instructions
+INT8_DOT_FLAGS = {"vnni": "avx512_vnni", "avx2": "avx2"}
+CPUINFO = Path("/proc/cpuinfo")
 
 
 @dataclass(frozen=True)
@@ -142,3 +145,20 @@ def _check_webgpu_plan(folder: Path, m: dict, files: dict) -> None:
     schema.check(PLAN_SCHEMA, plan, name, folder, files)
     if [s["file"] for s in plan["shards"]] != m["weights"]["shards"]:
         raise UserError(f"weights.shards: differ from the shards {name} places weights in")
+
+
+def check_cpu(folder: Path, manifest: dict) -> None:
+    """Refuse an artifact whose int8-activation kernels use instructions this CPU lacks: it would die
+    of SIGILL at its first step. The flags are Linux's (/proc/cpuinfo); where that cannot be read
+    (other systems) the artifact is let through, as before this check."""
+    dot = (manifest.get("quantization") or {}).get("int8_dot")
+    if dot is None or manifest["target"]["device"] != "cpu":
+        return
+    try:
+        flags = {f for line in CPUINFO.read_text().splitlines() if line.startswith("flags")
+                 for f in line.partition(":")[2].split()}
+    except OSError:
+        return
+    if INT8_DOT_FLAGS.get(dot) not in flags:
+        raise UserError(f"{folder}: its kernels use the {dot!r} int8 dot product, which needs the CPU flag "
+                        f"{INT8_DOT_FLAGS.get(dot, dot)}; this CPU lacks it (recompile here, or with --act-bits none)")

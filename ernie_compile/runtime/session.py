@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .artifact import Manifest, load_manifest
+from .artifact import Manifest, check_cpu, load_manifest
 from .tokenizer import Tokenizer
 
 
@@ -103,6 +103,7 @@ class Session:
         if manifest.device == "cpu" and m["target"]["cross"]:
             raise UserError(f"{self.folder}: built for {m['target']['spec']} (a cross build); it does not run "
                             "on this machine — copy it to a machine of that kind")
+        check_cpu(self.folder, m)
         module, cls = ENGINES[manifest.backend]  # the schema admits only these backends
         self._engine = getattr(importlib.import_module(f".{module}", __package__), cls)(self.folder, m)
         self.max_seq_len = manifest.max_seq_len

@@ -40,7 +40,10 @@ class Target(ABC):
     index_dtype: str  # of token ids, positions and indices the graph makes ("int32": WGSL has no int64)
     quant_layouts: tuple[str, ...]  # packed-weight layouts the kernels read, preferred first (ernie_compile/quant.py)
     static_m: bool  # quantized linears with M = 1 (decode) get a kernel of their own (GEMV vs GEMM)
-    int8_dot: bool  # int8 dot products (AVX-512 VNNI): linears may quantize their activations to int8
+    # the int8 dot product of the int8-activation kernels (targets/cpu_vnni.DOTS), with which linears may
+    # quantize their activations to int8: "vnni" (AVX-512 VNNI), "avx2" (AVX2 without VNNI), None: none
+    int8_dot: str | None
+    int8_weight_bits: tuple[int, ...]  # weight bits that dot is exact for: (4, 8) "vnni", (4,) "avx2", () None
     max_binding_bytes: int | None  # largest weight buffer a kernel can bind; larger ones are split
     native_ops: frozenset  # fused ops with a kernel of the target's own: "silu_mul", "moe_route"
     tunable: tuple[str, ...]  # kernels with schedule parameters (kernels.TUNABLE, compiler/tuning.py)

@@ -16,7 +16,7 @@ from pathlib import Path
 import tvm
 
 from ..errors import UserError
-from . import cpu_kernels
+from . import cpu_kernels, cpu_vnni
 from .base import Built, Target
 
 
@@ -32,18 +32,28 @@ def _llvm(triple: str | None, mcpu: str | None, spec: str) -> tvm.target.Target:
         raise UserError(f"target {spec!r}: LLVM does not accept it ({str(e).splitlines()[0]})") from None
 
 
+def int8_dot(target: tvm.target.Target) -> str | None:
+    """The int8 dot product the int8-activation kernels (cpu_vnni.DOTS) can use on the target's CPU,
+    from its LLVM features: "vnni" with AVX-512 VNNI, else "avx2" with AVX2, else None (a cross
+    triple names no CPU, so has no features: None)."""
+    def has(feature):
+        return bool(tvm.target.codegen.target_has_features(feature, target))
+
+    return "vnni" if has("avx512vnni") else "avx2" if has("avx2") else None
+
+
 @dataclass(frozen=True)
 class CpuTarget(Target):
     @classmethod
     def from_spec(cls, triple: str | None) -> "CpuTarget":
         spec = "cpu" + (f":{triple}" if triple else "")
         target = _llvm(triple, None if triple else tvm.target.codegen.llvm_get_system_cpu(), spec)
+        dot = int8_dot(target)
         return cls(
             spec=spec, device="cpu", backend="tvm", tvm=target, dtypes=("float32",),
             scale_dtypes={"float32": "float16"}, kernels=cpu_kernels, kv_cache="paged", index_dtype="int64",
             quant_layouts=("vnni16", "lanes16", "row"), static_m=False,  # one linear_q serves every M
-            # the int8-activation kernels (cpu_vnni.py) need AVX-512 VNNI
-            int8_dot=bool(tvm.target.codegen.target_has_features("avx512vnni", target)),
+            int8_dot=dot, int8_weight_bits=cpu_vnni.DOTS[dot][1] if dot else (),
             max_binding_bytes=None, native_ops=frozenset({"silu_mul"}), tunable=tuple(cpu_kernels.TUNABLE),
             library_name="lib.tar" if triple else "lib.so", cross=triple is not None)
 

@@ -167,16 +167,17 @@ def _word_and_slot(c, spec):
         return block * 16 + rest % 16, rest // 16
     return c // per, c % per
 
-def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None):
+def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None, int8_dot: str | None = None):
     """y[M, N] = x[M, K] · dequant(W)ᵀ with W stored as packed codes + group scales/offsets
-    (ernie_compile/quant.py). "vnni16" weights: int8 activations and VNNI dot products
-    (targets/cpu_vnni.py). Decode (M = 1, lanes16) dequantizes in registers inside the dot
-    product; otherwise each task dequantizes 4 weight rows into a buffer and runs the float GEMM
-    tile (_gemm_columns) over all M rows. No full-precision weight matrix exists at any time."""
+    (ernie_compile/quant.py). "vnni16" weights: int8 activations and the `int8_dot` kind of int8
+    dot products (targets/cpu_vnni.py; the target's int8_dot). Decode (M = 1, lanes16) dequantizes
+    in registers inside the dot product; otherwise each task dequantizes 4 weight rows into a buffer
+    and runs the float GEMM tile (_gemm_columns) over all M rows. No full-precision weight matrix
+    exists at any time."""
     if spec.layout == "vnni16":
         from .cpu_vnni import linear_q_vnni
 
-        return linear_q_vnni(n, k, spec)
+        return linear_q_vnni(n, k, spec, dtype, int8_dot=_needs_dot(int8_dot, "linear_q"))
     per, words, groups, sdt = spec.per_word, spec.words(k), k // spec.group_size, spec.scale_dtype
     lanes16 = spec.layout == "lanes16"
     dot, to_rows = _dequant_macros(k, spec, dtype)
@@ -206,6 +207,11 @@ def linear_q(n: int, k: int, spec, dtype: str = "float32", m: int | None = None)
                 gemm_columns(x, rows, 0, y, jo * jb, m)
 
     return cpu_linear_q
+
+def _needs_dot(int8_dot: str | None, kernel: str) -> str:
+    if int8_dot is None:  # the caller passes the target's int8_dot with every vnni16 spec
+        raise ValueError(f"{kernel}: a vnni16 weight needs an int8_dot kind (targets/cpu_vnni.DOTS)")
+    return int8_dot
 
 def take_q(vocab: int, dim: int, spec, dtype: str = "float32"):
     """Embedding lookup from a quantized table: out[T, D] = dequant(W[ids[t]])."""
@@ -262,11 +268,18 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str, index_dtype: str = 
 
     return moe_group_gemm
 
-def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32", index_dtype: str = "int64"):
+def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32", index_dtype: str = "int64",
+                 int8_dot: str | None = None):
     """group_gemm over quantized expert weights (ernie_compile/quant.py, per expert and row). lanes16
     rows are dequantized in registers inside each row's dot product; other layouts dequantize a
     weight row once into a buffer and reuse it for the expert's rows. Experts with empty segments
-    are neither read nor dequantized."""
+    are neither read nor dequantized. "vnni16" weights: int8 activations and `int8_dot` dot products
+    (targets/cpu_moe.py), as linear_q."""
+    if spec.layout == "vnni16":
+        from .cpu_moe import group_gemm_q_vnni
+
+        return group_gemm_q_vnni(num_experts, n, k, spec, dtype, index_dtype,
+                                 int8_dot=_needs_dot(int8_dot, "group_gemm_q"))
     per, words, groups, sdt = spec.per_word, spec.words(k), k // spec.group_size, spec.scale_dtype
     vw = vector_width(k)
     lanes16 = spec.layout == "lanes16"

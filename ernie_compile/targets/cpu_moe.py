@@ -1,4 +1,4 @@
-"""The MoE grouped GEMMs with int8 activations on x86 AVX-512 VNNI, over stacked expert weights in
+"""The MoE grouped GEMMs with int8 activations on x86 (AVX-512 VNNI or AVX2), over stacked expert weights in
 the "vnni16" layout (ernie_compile/quant.py, leading axis E: each expert's [N, K] is a vnni16 weight
 of its own, and expert e's tiles follow expert e−1's).
 
@@ -8,7 +8,8 @@ The float kernel there runs per output row and row of x (GEMV-shaped: a prefill 
 expert's weights for every one of its rows) on float activations. Here, as in cpu_vnni.linear_q_vnni:
 
 - every row of x is quantized once per call to int8 per block of 32 along K (Q8_0-like,
-  cpu_vnni._quantize_rows), and the dot products are `vpdpbusd` over the expert's 16-row tiles;
+  cpu_vnni._quantize_rows), and the dot products are cpu_vnni's int8 dots (`vpdpbusd` with VNNI)
+  over the expert's 16-row tiles;
 - a loaded block of a tile (4 vectors at 4 bits, 8 at 8 bits) serves `tokens` rows of the expert
   at once (the remainder in blocks of 4, 2, 1), so a prefill reads each tile once per token block,
   not once per row;
@@ -17,51 +18,19 @@ expert's weights for every one of its rows) on float activations. Here, as in cp
   threads busy; prefill: the rows of big and small experts alike), and within a chunk a thread
   streams `chunk` consecutive tiles of one expert (one contiguous run of weights to prefetch along).
 
-Stacked, expert e's tile t is tile e·N/16 + t of one [E·N, K] vnni16 weight: the word and scale
-offsets below are cpu_vnni's with that tile index.
+Stacked, expert e's tile t is tile e·N/16 + t of one [E·N, K] vnni16 weight: a block's arithmetic is
+cpu_vnni._block_math's with that tile index.
 """
 from __future__ import annotations
 
 import numpy as np
-from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_vnni import BLOCK, PREFETCH, TILE, _dot, _quantize_rows
+from .cpu_vnni import BLOCK, PREFETCH, TILE, _block_math, _quantize_rows, dot_for
 
 TOKENS = 4  # rows of x per loaded weight block (tuned on the 21B shapes: bench/bench_moe_kernels.py)
 CHUNK = 8  # consecutive tiles of one expert per work item run
 SERIAL_QUANTIZE_ROWS = 16  # fewer rows than this: quantize them on one thread (no parallel launch)
-
-
-def _dot_portable(acc, w_u32x16, x_i32):
-    """_dot (vpdpbusd) in plain int32 vector arithmetic, exactly: per lane, Σ over the 4 bytes c of
-    u8(w byte c) × s8(x byte c). Any LLVM target builds it (slowly): the tests run the kernels'
-    loops with it on CPUs without AVX-512 VNNI."""
-    for c in range(4):
-        wc = T.cast(T.bitwise_and(T.shift_right(w_u32x16, T.broadcast(T.uint32(8 * c), TILE)),
-                                  T.broadcast(T.uint32(0xFF), TILE)), "int32x16")
-        xc = T.shift_right(T.shift_left(x_i32, T.int32(24 - 8 * c)), T.int32(24))  # sign-extends byte c
-        acc = acc + wc * T.broadcast(xc, TILE)
-    return acc
-
-
-def _half(v, h: int):  # lanes 8h … 8h + 7 of a 16-lane vector
-    return tirx.Shuffle([v], [tirx.IntImm("int32", 8 * h + i) for i in range(8)])
-
-
-def _dot_avx2(acc, w_u32x16, x_i32):
-    """_dot with AVX2 (CPUs without VNNI, such as Zen 3): vpmaddubsw (u8 × s8, adjacent pairs summed
-    into int16, saturating) then vpmaddwd by 1 (pairs of those into int32), per 8-lane half. Exact
-    for 4-bit codes only: a pair sums to at most 2 · 15 · 127; 8-bit codes could saturate."""
-    halves = []
-    for h in range(2):
-        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.reinterpret("uint8x32", _half(w_u32x16, h)),
-                                        T.reinterpret("int8x32", T.broadcast(x_i32, 8)))
-        halves.append(T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16)))
-    return acc + tirx.Shuffle(halves, [tirx.IntImm("int32", i) for i in range(TILE)])
-
-
-DOTS = {"vnni": _dot, "avx2": _dot_avx2, "portable": _dot_portable}
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -74,47 +43,21 @@ def group_gemm_q_vnni(num_experts: int, n: int, k: int, spec, dtype: str = "floa
     x̃ the int8-quantized x. W [E, N, K] in vnni16 (4 or 8 bits; N % 16 == 0, K % 32 == 0, groups of
     32·j). Schedule parameters (TUNABLE): `tokens` rows share each loaded weight block; `prefetch`
     words ahead of the block being read (0: none; never past the item's run of tiles); `chunk`
-    tiles per work item (falls back to the largest divisor of N/16 not above it). `int8_dot`: "vnni"
-    (vpdpbusd, the CPU needs AVX-512 VNNI), "avx2" (4 bits only; vpmaddubsw + vpmaddwd) or
-    "portable" (any CPU, slowly); all three compute the same integers."""
+    tiles per work item (falls back to the largest divisor of N/16 not above it). `int8_dot`: one of
+    cpu_vnni.DOTS, "vnni" (vpdpbusd, the CPU needs AVX-512 VNNI), "avx2" (4 bits only; vpmaddubsw +
+    vpmaddwd) or "portable" (any CPU, slowly); all three compute the same integers."""
     bits, group, sdt = spec.bits, spec.group_size, spec.scale_dtype
     if spec.layout != "vnni16" or bits not in (4, 8) or n % TILE or k % BLOCK or group % BLOCK:
         raise ValueError(f"group_gemm_q_vnni: needs a 4- or 8-bit vnni16 spec, N % 16 == 0, K % 32 == 0 and "
                          f"groups of 32·j; got {spec}, N={n}, K={k}")
     if not 1 <= tokens <= 8:
         raise ValueError(f"group_gemm_q_vnni: tokens={tokens}; 1 … 8 (accumulators in registers)")
-    if int8_dot == "avx2" and bits != 4:
-        raise ValueError("group_gemm_q_vnni: int8_dot='avx2' is exact for 4-bit codes only")
-    dot = DOTS[int8_dot]
     words, groups, blocks = spec.words(k), k // group, k // BLOCK
     tiles = n // TILE
     chunk = _largest_divisor(tiles, chunk)
     tile_words = blocks * bits * TILE  # one tile's run in qweight
     quantize_rows = _quantize_rows(k)
-
-    def code_vec(qwf, te, b, j):  # vector j of 8: 4 bytes per lane = 4 consecutive K of one row
-        if bits == 8:
-            return qwf[T.ramp(((te * blocks + b) * 8 + j) * TILE, 1, TILE)]
-        raw = qwf[T.ramp(((te * blocks + b) * 4 + j % 4) * TILE, 1, TILE)]  # j ≥ 4: high nibbles
-        return T.bitwise_and(T.shift_right(raw, T.broadcast(T.cast(j // 4 * 4, "uint32"), TILE)),
-                             T.broadcast(T.uint32(0x0F0F0F0F), TILE))
-
-    def block_dot(qwf, xq32, te, b, i):  # int32x16: Σ over block b of codes × xq, lane = row
-        lo = T.broadcast(T.int32(0), TILE)  # two chains of 4: half the vpdpbusd latency chain
-        hi = T.broadcast(T.int32(0), TILE)
-        for j in range(4):
-            lo = dot(lo, code_vec(qwf, te, b, j), xq32[(i * blocks + b) * 8 + j])
-            hi = dot(hi, code_vec(qwf, te, b, j + 4), xq32[(i * blocks + b) * 8 + j + 4])
-        return lo + hi
-
-    def block_term(qsf, qmf, dx, sx, te, b, i, dot):  # float32x16: block b's share of y[i, tile]
-        scale = T.cast(qsf[T.ramp((te * groups + b * BLOCK // group) * TILE, 1, TILE)], "float32x16")
-        if spec.symmetric:  # the offset is −2^(b−1) · scale exactly: not read
-            return scale * (dot * T.broadcast(dx[i * blocks + b], TILE)
-                            + T.broadcast(sx[i * blocks + b] * T.float32(-(1 << (bits - 1))), TILE))
-        return (dot * (scale * T.broadcast(dx[i * blocks + b], TILE))
-                + T.cast(qmf[T.ramp((te * groups + b * BLOCK // group) * TILE, 1, TILE)], "float32x16")
-                * T.broadcast(sx[i * blocks + b], TILE))
+    block_dot, block_term = _block_math(k, spec, dot_for(int8_dot, bits, "group_gemm_q_vnni"))
 
     def make_tile(tb: int):
         """Rows i0 … i0 + tb − 1 of y's tile t (global tile te) over all K; `end_w`: where the item's

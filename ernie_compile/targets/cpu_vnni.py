@@ -1,5 +1,5 @@
-"""Quantized linears with int8 activations on x86 AVX-512 VNNI (`vpdpbusd`: u8 × s8 → i32, 64
-multiply-adds per instruction), over weights in the "vnni16" layout (ernie_compile/quant.py).
+"""Quantized linears with int8 activations over weights in the "vnni16" layout (ernie_compile/quant.py),
+on x86 AVX-512 VNNI (`vpdpbusd`: u8 × s8 → i32, 64 multiply-adds per instruction) or AVX2.
 
 Float dequantize-then-FMA needs ~3 vector instructions per 16 weights; at 4 bits and 2 cores that
 cannot keep up with memory (~17 weights per cycle per core). Here the activations are quantized
@@ -9,9 +9,12 @@ and each output row is one lane of a 16-lane accumulator:
     y[i, r] = Σ_b  s[r, g(b)] · dx[i, b] · Σ_c q[r, c] · xq[i, c]  +  m[r, g(b)] · dx[i, b] · Σ_c xq[i, c]
 
 (c over block b), which is exactly x̃ · dequant(W)ᵀ with x̃ = xq · dx the quantized activations.
+The integer dot Σ_c q · xq is one of DOTS (the target's `int8_dot`, targets/base.py); the block
+arithmetic around it (_block_math) is shared with the MoE grouped GEMM (targets/cpu_moe.py).
 """
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 TILE = 16  # output rows per tile: one per lane of an int32x16 accumulator
@@ -19,11 +22,55 @@ BLOCK = 32  # activation quantization block along K
 PREFETCH = 2048  # words (8 KiB) ahead: best or tied of 0 … 8192 on the 0.3b decode shapes, weights from DRAM
 
 
-def _dot(acc, w_u32x16, x_i32):
+def _dot_vnni(acc, w_u32x16, x_i32):
     """acc[16] += per lane: Σ of 4 u8 weight bytes × 4 s8 activation bytes (x broadcast to all lanes)."""
     return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
                                    T.reinterpret("uint8x64", w_u32x16),
                                    T.reinterpret("int8x64", T.broadcast(x_i32, 16)))
+
+
+def _half(v, h: int):  # lanes 8h … 8h + 7 of a 16-lane vector
+    return tirx.Shuffle([v], [tirx.IntImm("int32", 8 * h + i) for i in range(8)])
+
+
+def _dot_avx2(acc, w_u32x16, x_i32):
+    """_dot_vnni with AVX2 (CPUs without VNNI, such as Zen 3): vpmaddubsw (u8 × s8, adjacent pairs
+    summed into int16, saturating) then vpmaddwd by 1 (pairs of those into int32), per 8-lane half.
+    Exact for 4-bit codes only: a pair sums to at most 2 · 15 · 127; 8-bit codes could saturate."""
+    halves = []
+    for h in range(2):
+        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw",
+                                        T.reinterpret("uint8x32", _half(w_u32x16, h)),
+                                        T.reinterpret("int8x32", T.broadcast(x_i32, 8)))
+        halves.append(T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16)))
+    return acc + tirx.Shuffle(halves, [tirx.IntImm("int32", i) for i in range(TILE)])
+
+
+def _dot_portable(acc, w_u32x16, x_i32):
+    """_dot_vnni in plain int32 vector arithmetic, exactly: per lane, Σ over the 4 bytes c of
+    u8(w byte c) × s8(x byte c). Any LLVM target builds it (slowly): the tests run the kernels'
+    loops with it on CPUs without the instructions of the others."""
+    for c in range(4):
+        wc = T.cast(T.bitwise_and(T.shift_right(w_u32x16, T.broadcast(T.uint32(8 * c), TILE)),
+                                  T.broadcast(T.uint32(0xFF), TILE)), "int32x16")
+        xc = T.shift_right(T.shift_left(x_i32, T.int32(24 - 8 * c)), T.int32(24))  # sign-extends byte c
+        acc = acc + wc * T.broadcast(xc, TILE)
+    return acc
+
+
+# int8 dot kind (Target.int8_dot) → (acc[16] += Σ of 4 u8 × s8 bytes per lane, the weight bits it is exact for).
+# All compute the same integers; "vnni" needs AVX-512 VNNI, "avx2" AVX2, "portable" nothing.
+DOTS = {"vnni": (_dot_vnni, (4, 8)), "avx2": (_dot_avx2, (4,)), "portable": (_dot_portable, (4, 8))}
+
+
+def dot_for(int8_dot: str, bits: int, kernel: str):
+    """The dot function of kind `int8_dot` for `bits`-bit codes; a ValueError where it is not exact."""
+    if int8_dot not in DOTS:
+        raise ValueError(f"{kernel}: int8_dot={int8_dot!r}; one of {', '.join(DOTS)}")
+    dot, exact_bits = DOTS[int8_dot]
+    if bits not in exact_bits:
+        raise ValueError(f"{kernel}: int8_dot={int8_dot!r} is exact for {exact_bits}-bit codes only, not {bits}")
+    return dot
 
 
 def _quantize_rows(k: int):
@@ -58,19 +105,11 @@ def _quantize_rows(k: int):
     return quantize_rows
 
 
-def linear_q_vnni(n: int, k: int, spec, dtype: str = "float32", tokens: int = 4, prefetch: int = PREFETCH):
-    """y[M, N] = x̃[M, K] · dequant(W)ᵀ; W in the vnni16 layout, x̃ the int8-quantized x.
-
-    Parallel over tiles of 16 output rows. Each block of 32 along K: the tile's codes (4 vectors at
-    4 bits, 8 at 8 bits) are loaded and split into nibbles, then used for `tokens` rows of x at a
-    time (prefill), each with 8 vpdpbusd into int32x16 accumulators that are scaled into the
-    float32x16 one at the block's end. `prefetch`: how many uint32 words ahead of the block being
-    read to prefetch (with weights streamed from DRAM, 0 → 2048 took 3072×1024 from 26 to 33 GB/s
-    here, median; the hardware prefetcher alone lags on the one long stream per thread)."""
-    bits, group, sdt = spec.bits, spec.group_size, spec.scale_dtype
-    words, groups, blocks = spec.words(k), k // group, k // BLOCK
-    tiles = n // TILE
-    quantize_rows = _quantize_rows(k)
+def _block_math(k: int, spec, dot):
+    """The arithmetic of one block of 32 along K of a 16-row tile `t` (the tile's index in the whole
+    [rows, K] vnni16 weight): (block_dot, block_term) for the kernels' tile loops."""
+    bits, group = spec.bits, spec.group_size
+    groups, blocks = k // group, k // BLOCK
 
     def code_vec(qwf, t, b, j):  # vector j of 8: 4 bytes per lane = 4 consecutive K of one row
         if bits == 8:
@@ -80,22 +119,42 @@ def linear_q_vnni(n: int, k: int, spec, dtype: str = "float32", tokens: int = 4,
                              T.broadcast(T.uint32(0x0F0F0F0F), TILE))
 
     def block_dot(qwf, xq32, t, b, i):  # int32x16: Σ over block b of codes × xq, lane = row
-        # two chains of 4 (low and high nibbles) to halve the vpdpbusd latency chain
+        # two chains of 4 (low and high nibbles) to halve the dot's latency chain
         lo = T.broadcast(T.int32(0), TILE)
         hi = T.broadcast(T.int32(0), TILE)
         for j in range(4):
-            lo = _dot(lo, code_vec(qwf, t, b, j), xq32[(i * blocks + b) * 8 + j])
-            hi = _dot(hi, code_vec(qwf, t, b, j + 4), xq32[(i * blocks + b) * 8 + j + 4])
+            lo = dot(lo, code_vec(qwf, t, b, j), xq32[(i * blocks + b) * 8 + j])
+            hi = dot(hi, code_vec(qwf, t, b, j + 4), xq32[(i * blocks + b) * 8 + j + 4])
         return lo + hi
 
-    def block_term(qsf, qmf, dx, sx, t, b, i, dot):  # float32x16: block b's share of y[i, tile]
+    def block_term(qsf, qmf, dx, sx, t, b, i, idot):  # float32x16: block b's share of y[i, tile], idot its block_dot
         scale = T.cast(qsf[T.ramp((t * groups + b * BLOCK // group) * TILE, 1, TILE)], "float32x16")
         if spec.symmetric:  # the offset is −2^(b−1) · scale exactly: 10% fewer bytes read at 4 bits
-            return scale * (dot * T.broadcast(dx[i * blocks + b], TILE)
+            return scale * (idot * T.broadcast(dx[i * blocks + b], TILE)
                             + T.broadcast(sx[i * blocks + b] * T.float32(-(1 << (bits - 1))), TILE))
-        return (dot * (scale * T.broadcast(dx[i * blocks + b], TILE))
+        return (idot * (scale * T.broadcast(dx[i * blocks + b], TILE))
                 + T.cast(qmf[T.ramp((t * groups + b * BLOCK // group) * TILE, 1, TILE)], "float32x16")
                 * T.broadcast(sx[i * blocks + b], TILE))
+
+    return block_dot, block_term
+
+
+def linear_q_vnni(n: int, k: int, spec, dtype: str = "float32", tokens: int = 4, prefetch: int = PREFETCH,
+                  int8_dot: str = "vnni"):
+    """y[M, N] = x̃[M, K] · dequant(W)ᵀ; W in the vnni16 layout, x̃ the int8-quantized x.
+
+    Parallel over tiles of 16 output rows. Each block of 32 along K: the tile's codes (4 vectors at
+    4 bits, 8 at 8 bits) are loaded and split into nibbles, then used for `tokens` rows of x at a
+    time (prefill), each with 8 int8 dots (`int8_dot`, one of DOTS: vpdpbusd for "vnni") into
+    int32x16 accumulators that are scaled into the float32x16 one at the block's end. `prefetch`:
+    how many uint32 words ahead of the block being read to prefetch (with weights streamed from
+    DRAM, 0 → 2048 took 3072×1024 from 26 to 33 GB/s here, median; the hardware prefetcher alone
+    lags on the one long stream per thread)."""
+    bits, group, sdt = spec.bits, spec.group_size, spec.scale_dtype
+    words, groups, blocks = spec.words(k), k // group, k // BLOCK
+    tiles = n // TILE
+    quantize_rows = _quantize_rows(k)
+    block_dot, block_term = _block_math(k, spec, dot_for(int8_dot, bits, "linear_q_vnni"))
 
     def make_tile(tb: int):
         @T.macro

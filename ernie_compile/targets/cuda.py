@@ -74,7 +74,8 @@ class CudaTarget(Target):
             dtypes=("float16", "float32"), scale_dtypes={"float16": "float16", "float32": "float16"},
             kernels=gpu_kernels, kv_cache="paged", index_dtype="int64", quant_layouts=gpu_kernels.QUANT_LAYOUTS,
             static_m=True,  # decode (M = 1) gets a GEMV, prefill a GEMM
-            int8_dot=False, max_binding_bytes=None, native_ops=frozenset(), tunable=(), library_name="lib.so",
+            int8_dot=None, int8_weight_bits=(), max_binding_bytes=None, native_ops=frozenset(), tunable=(),
+            library_name="lib.so",
             cross=False, archs=archs)
 
     def runs_here(self) -> bool:

@@ -50,7 +50,7 @@ class WebGpuTarget(Target):
             scale_dtypes={"float32": "float32", "float16": "float16"},
             kernels=webgpu_kernels, kv_cache="contiguous",  # no C++ runtime objects on a browser's host
             index_dtype="int32",  # WGSL has no 64-bit integers
-            quant_layouts=gpu_kernels.QUANT_LAYOUTS, static_m=True, int8_dot=False,
+            quant_layouts=gpu_kernels.QUANT_LAYOUTS, static_m=True, int8_dot=None, int8_weight_bits=(),
             # weights over this are stored as row blocks (passes/split_large_weights.py): every WebGPU
             # adapter grants 128 MiB bindings, many (phones, lavapipe) no more
             max_binding_bytes=DEFAULT_BINDING_LIMIT,

@@ -4,8 +4,8 @@ Weights: a random stacked [E, N, K] weight quantized by ernie_compile/quant.py i
 dequantized for the reference. Activations: the reference quantizes them as the kernel does (int8 per
 block of 32, dx = max|x| / 127 in float32, round half to even), so kernel and reference differ only
 in summation order (1e-5 of max|y|); a looser check against the float activations bounds what the
-quantization costs. On a CPU without AVX-512 VNNI the kernel's loops run with the portable dot
-(same integers, plain vector arithmetic) and the vpdpbusd build is checked in assembly only.
+quantization costs. The kernel's loops run with each int8 dot this CPU has (cpu_vnni.DOTS) and the
+portable one (same integers, plain vector arithmetic); the vpdpbusd build is checked in assembly.
 """
 import re
 
@@ -18,8 +18,8 @@ from ernie_compile.targets.cpu import CpuTarget
 from ernie_compile.targets.cpu_moe import TUNABLE, group_gemm_q_vnni, route_rows
 
 HOST = CpuTarget.from_spec(None)
-DOTS = (["portable"] + (["vnni"] if HOST.int8_dot else [])
-        + (["avx2"] if tvm.target.codegen.target_has_features("avx2", HOST.tvm) else []))
+# the portable dot everywhere; "vnni" and "avx2" where this CPU has them (a VNNI CPU has AVX2 too)
+DOTS = ["portable"] + {"vnni": ["vnni", "avx2"], "avx2": ["avx2"], None: []}[HOST.int8_dot]
 VNNI_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})  # any CPU with AVX-512 VNNI
 FLOAT_ACT_TOL = 2e-2  # of max|y|: the int8 activations' cost on Gaussian x (seen: ~5e-3 at 4 and 8 bits)
 

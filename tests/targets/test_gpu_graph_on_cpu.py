@@ -42,7 +42,7 @@ def _gpu_graph_on_cpu(detail):
     cpu, cuda = CpuTarget.from_spec(None), targets.get_target("cuda")
     fields = {f.name: getattr(cpu, f.name) for f in dataclasses.fields(cpu)}
     fields.update(spec="gpu-graph-on-cpu", dtypes=cuda.dtypes, scale_dtypes=cuda.scale_dtypes, kernels=_KERNELS,
-                  quant_layouts=cuda.quant_layouts, static_m=cuda.static_m, int8_dot=False,
+                  quant_layouts=cuda.quant_layouts, static_m=cuda.static_m, int8_dot=None, int8_weight_bits=(),
                   native_ops=cuda.native_ops, tunable=())
     return GpuGraphOnCpu(**fields)
 
