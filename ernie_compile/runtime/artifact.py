@@ -151,7 +151,12 @@ def check_cpu(folder: Path, manifest: dict) -> None:
     """Refuse an artifact whose int8-activation kernels use instructions this CPU lacks: it would die
     of SIGILL at its first step. The flags are Linux's (/proc/cpuinfo); where that cannot be read
     (other systems) the artifact is let through, as before this check."""
-    dot = (manifest.get("quantization") or {}).get("int8_dot")
+    quantization = manifest.get("quantization")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise UserError(f"{folder}: manifest quantization: expected an object or null")
+    dot = (quantization or {}).get("int8_dot")
+    if dot is not None and dot not in INT8_DOT_FLAGS:
+        raise UserError(f"{folder}: manifest quantization.int8_dot: {dot!r} is not one of {', '.join(INT8_DOT_FLAGS)}")
     if dot is None or manifest["target"]["device"] != "cpu":
         return
     try:
