@@ -17,7 +17,7 @@ from ..passes.weight_records import WeightRecord, stored_tensors
 from . import package
 
 RUNTIME_BYTES = 128 << 20  # ernie-run besides weights and cache (a 0.3b 4-bit process: 343 MiB for 216 of weights)
-QUANT_TEMPS = 8  # float32-chunk multiples quantize + the error check hold at once (float64 groups, codes, …)
+QUANT_TEMPS = 8  # float32-chunk multiples quantize + the error check hold at once (codes, packed words, dequantized copy, …)
 
 
 def _vm_bytes(field: str) -> int:
@@ -33,16 +33,14 @@ def _vm_bytes(field: str) -> int:
 
 
 def working_set(record: WeightRecord) -> int:
-    """Bytes packaging holds at once for `record`: the float value it reads (one expert of a
-    stacked tensor; a 2-D weight whole, twice if concatenated) plus the chunk's quantization."""
+    """Bytes packaging holds at once for `record`: one chunk of its float value as read (one expert
+    of a stacked tensor, else up to CHUNK_BYTES of rows, compiler/package.py) and, quantized, the
+    chunk's codes, packing and error check."""
     if len(record.shape) == 3:
-        read = 4 * math.prod(record.shape[1:])
-        chunk = read
+        chunk = 4 * math.prod(record.shape[1:])
     else:
-        full = 4 * math.prod(record.shape)
-        read = full * (2 if len(record.sources) > 1 else 1)
-        chunk = min(full, package.CHUNK_BYTES)
-    return read + chunk * (QUANT_TEMPS if record.quant else 1)
+        chunk = min(4 * math.prod(record.shape), package.CHUNK_BYTES)
+    return chunk * (1 + (QUANT_TEMPS if record.quant else 1))
 
 
 def _gib(n: float) -> str:
