@@ -71,7 +71,7 @@ def _chunks(record, source):
         if len(record.sources) != 1 or record.rows is not None:
             raise InternalError(f"weight {record.name}: a stacked weight is read from one source, whole")
         for e in range(record.shape[0]):
-            yield e, source.get(record.sources[0], index=e)[None]
+            yield e, _finite(source.get(record.sources[0], index=e), f"{record.sources[0]} (expert {e})")[None]
         return
     parts, start = [], 0  # (name, first row of the part within the concatenation, its rows)
     for name in record.sources:
@@ -85,13 +85,25 @@ def _chunks(record, source):
     step = max(16, CHUNK_BYTES // max(4 * math.prod(record.shape[1:]), 1) // 16 * 16)
     for a in range(lo, hi, step):
         b = min(a + step, hi)
-        pieces = [source.get_rows(name, max(a, p0) - p0, min(b, p0 + n) - p0)
+        pieces = [_finite(source.get_rows(name, max(a, p0) - p0, min(b, p0 + n) - p0), name, max(a, p0) - p0)
                   for name, p0, n in parts if p0 < b and a < p0 + n]
         value = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         if tuple(value.shape[1:]) != tuple(record.shape[1:]):
             raise InternalError(f"weight {record.name}: the checkpoint gives rows of {value.shape[1:]}, "
                                 f"the compiled code takes {record.shape[1:]}")
         yield a - lo, value
+
+
+def _finite(value, name: str, first_row: int = 0):
+    """`value` (a chunk as read), refused in one line if it holds a NaN or an infinity: such a weight
+    compiles, then every run computes NaN logits. Checked here, on the chunk packaging reads anyway."""
+    import numpy as np
+
+    if not np.isfinite(value).all():
+        bad = np.argwhere(~np.isfinite(value))[0]
+        where = ", ".join(str(int(i)) for i in (bad[0] + first_row, *bad[1:]))
+        raise UserError(f"weight {name}: {value[tuple(bad)]} at [{where}] (a checkpoint weight must be finite)")
+    return value
 
 
 def produce(record, source, errors: dict):

@@ -39,7 +39,7 @@ from ..errors import InternalError, UserError
 from ..passes import PassReport, quantize_weights, select_passes, split_large_weights
 from ..quant import QuantPolicy
 from ..targets import Target, get_target
-from . import package
+from . import package, validate
 from .kernel_count import count_kernels
 from .lower import PAGE_SIZE
 from .options import CompileOptions
@@ -146,13 +146,18 @@ def _load(c: Compile, materialize: bool) -> None:
     if skipped:
         shown = ", ".join(skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
         c.log(f"  skipped {len(skipped)} checkpoint tensors transformers does not use: {shown}")
-    config = c.loaded.model.config
-    if opts.max_seq_len is None:
-        c.opts = dataclasses.replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings))
-    elif opts.max_seq_len > config.max_position_embeddings:
-        raise UserError(f"--max-seq-len {opts.max_seq_len} exceeds the model's max_position_embeddings "
-                        f"({config.max_position_embeddings})")
     c.log("options: " + json.dumps(c.opts.as_dict()))
+
+
+def _check_config(c: Compile) -> None:
+    """The model's config, read and validated before anything is loaded (compiler/validate.py), and
+    --max-seq-len resolved against it."""
+    from .load import read_config
+
+    config = read_config(c.opts.model, dict(c.opts.preset_overrides))
+    if c.opts.max_seq_len is None:
+        c.opts = dataclasses.replace(c.opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings))
+    validate.max_seq_len(c.opts.max_seq_len, config)
 
 
 def _versions() -> dict:
@@ -450,22 +455,23 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     if opts.backend not in BACKENDS:
         raise UserError(f"unknown backend {opts.backend!r}; backends: {', '.join(BACKENDS)}")
     backend = BACKENDS[opts.backend]
+    validate.options(opts)  # flags and output paths: before any work
     c = Compile(opts, log)
     backend.resolve(c)
-    if c.opts.max_seq_len is not None and c.opts.max_seq_len < 2:
-        raise UserError(f"--max-seq-len {c.opts.max_seq_len}: must be at least 2")
+    _check_config(c)
+    if c.opts.plan and opts.backend != "tvm":
+        raise UserError("--plan applies to the tvm backend")
+    if not c.opts.plan:
+        package.check_output(c.opts.output)
     dump = Path(c.opts.dump_ir) if c.opts.dump_ir else None
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
     if c.opts.plan:
-        if opts.backend != "tvm":
-            raise UserError("--plan applies to the tvm backend")
         _run_phases(backend.phases, c, dump)
         report = {"options": c.opts.as_dict(), "backend": c.opts.backend, "stages": c.seconds, "plan": c.plan}
         if c.opts.report:
             Path(c.opts.report).write_text(json.dumps(report, indent=2) + "\n")
         return report
-    package.check_output(c.opts.output)
     with package.staging(c.opts.output) as c.out:
         _run_phases(backend.phases, c, dump)
         size = sum(p.stat().st_size for p in c.out.rglob("*") if p.is_file())
