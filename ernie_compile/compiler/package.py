@@ -29,16 +29,67 @@ def check_output(output: Path) -> None:
         raise UserError(f"-o {output}: folder is not empty and is not an ernie-compile artifact; refusing to overwrite")
 
 
+# Inside every staging folder while it is one: the creating process's PID and start time, so that a later
+# compile removes the folders of compiles killed by SIGKILL (or a power cut), and never a user's folder.
+STAGING_MARKER = ".ernie-compile-staging"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of `pid` in clock ticks since boot (/proc/PID/stat field 22), which tells a live
+    process from a later one that reuses its PID; None where /proc does not say."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        pass
+    return start is None or _process_start(pid) in (None, start)
+
+
+def remove_stale_staging(parent: Path, log=None) -> list[Path]:
+    """Remove the staging folders in `parent` whose compile died without cleaning up: hidden folders
+    holding our marker whose process is gone. A folder without the marker is not ours and is left."""
+    removed = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(".") and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            pid_text, _, start = (folder / STAGING_MARKER).read_text().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if not _alive(pid, start.strip() or None):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            if log:
+                log(f"  removed {folder}: the staging folder of a compile that died (process {pid})")
+    return removed
+
+
 @contextmanager
-def staging(output: Path):
-    """Yield a temporary folder beside `output`; on success it replaces `output`."""
+def staging(output: Path, log=None):
+    """Yield a temporary folder beside `output`; on success it replaces `output`. Staging folders left
+    beside it by killed compiles are removed first."""
     output = Path(output).resolve()
     check_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(output.parent, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    tmp.chmod(0o755)
     try:
+        tmp.chmod(0o755)
+        pid = os.getpid()
+        (tmp / STAGING_MARKER).write_text(f"{pid} {_process_start(pid) or ''}\n")
         yield tmp
+        (tmp / STAGING_MARKER).unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -220,7 +271,7 @@ def _itemsize(dtype: str) -> int:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, STAGING_MARKER))
     manifest = dict(manifest, format_version=FORMAT_VERSION,
                     files={str(p.relative_to(folder)): sha256(p) for p in files})
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -81,7 +82,22 @@ class Phase:
     dump: Callable[[Compile, Path], None] | None = None  # writes this phase's IR under the given stem
 
 
+# Warnings of our dependencies about their own internals, printed on every compile and telling a user
+# nothing to act on: (category, message regex, why it is not ours to fix).
+KNOWN_WARNINGS = [
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+     "torch.export copies its own LeafSpec tree specs (torch 2.10+ deprecates the class it still uses)"),
+]
+
+
 def _run_phases(phases: list[Phase], c: Compile, dump_dir: Path | None) -> None:
+    with warnings.catch_warnings():
+        for category, message, _ in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        _run_phases_loop(phases, c, dump_dir)
+
+
+def _run_phases_loop(phases: list[Phase], c: Compile, dump_dir: Path | None) -> None:
     done: list[str] = []
     for i, phase in enumerate(phases):
         if not phase.applies(c):
@@ -278,8 +294,11 @@ def _quantize(c: Compile) -> None:
 
 
 def _target_passes(c: Compile) -> None:
+    from ..passes import clip_take_indices
+
     c.mod, reports = c.target.passes(c.mod, c.tuner)
     c.reports += reports
+    c.mod, _ = clip_take_indices.run(c.mod)  # last: after every pass that emits a take
     c.decode_kernels = count_kernels(c.mod, "decode")
     c.log(f"  decode step: {c.decode_kernels['tir']} TIR kernels, {c.decode_kernels['builtin']} runtime builtin calls")
     if c.opts.tuning_db:
@@ -472,7 +491,7 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
         if c.opts.report:
             Path(c.opts.report).write_text(json.dumps(report, indent=2) + "\n")
         return report
-    with package.staging(c.opts.output) as c.out:
+    with package.staging(c.opts.output, log) as c.out:
         _run_phases(backend.phases, c, dump)
         size = sum(p.stat().st_size for p in c.out.rglob("*") if p.is_file())
     report = {"output": str(Path(c.opts.output).resolve()), "options": c.opts.as_dict(), "backend": c.opts.backend,
