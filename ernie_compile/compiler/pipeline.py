@@ -1,7 +1,8 @@
 """The one place that decides stage order: each backend is a list of named phases, run by one loop.
 
-`compile_model` first resolves the options against the target (cheap checks: nothing is loaded for
-a bad flag), then runs the backend's phases in order inside the staging folder (package.staging:
+`compile_model` first checks the flags and output paths, resolves the options against the target,
+and reads and validates the model's config (validate.py; cheap checks: nothing is loaded for a bad
+flag or config), then runs the backend's phases in order inside the staging folder (package.staging:
 the artifact appears at -o whole or not at all). The loop times each phase, collects what each
 pass matched against what it expected (a shortfall fails the compile), writes the IR after every
 phase with `--dump-ir DIR` (`NN-phase.*`), and on an internal error names the phase and the
