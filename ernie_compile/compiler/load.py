@@ -71,7 +71,7 @@ def _held_warnings():
         yield
     finally:
         logger.handlers, logger.propagate = saved, propagate
-    for record in held:
+    for record in held:  # only reached when the config was accepted
         logger.handle(record)
 
 
