@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ def check_output(output: Path) -> None:
         raise UserError(f"-o {output}: folder is not empty and is not an ernie-compile artifact; refusing to overwrite")
 
 
-# Inside every staging folder while it is one: the creating process's PID and start time, so that a later
+# Inside every staging folder while it is one: the creating process's PID, start time and host, so that a later
 # compile removes the folders of compiles killed by SIGKILL (or a power cut), and never a user's folder.
 STAGING_MARKER = ".ernie-compile-staging"
 
@@ -41,6 +42,12 @@ def _process_start(pid: int) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
     except (OSError, IndexError):
         return None
+
+
+def marker(pid: int) -> str:
+    """The marker's text: PID, its start time, the host (a folder shared between machines or containers
+    is judged only by the one that made it)."""
+    return f"{pid} {_process_start(pid) or ''} {socket.gethostname()}\n"
 
 
 def _alive(pid: int, start: str | None) -> bool:
@@ -63,11 +70,11 @@ def remove_stale_staging(parent: Path, log=None) -> list[Path]:
         return removed
     for folder in candidates:
         try:
-            pid_text, _, start = (folder / STAGING_MARKER).read_text().partition(" ")
+            pid_text, start, host = ((folder / STAGING_MARKER).read_text().split("\n")[0].split(" ") + ["", ""])[:3]
             pid = int(pid_text)
         except (OSError, ValueError):
             continue
-        if not _alive(pid, start.strip() or None):
+        if host == socket.gethostname() and not _alive(pid, start or None):  # another machine's PIDs: not ours to judge
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
             if log:
@@ -87,7 +94,7 @@ def staging(output: Path, log=None):
     try:
         tmp.chmod(0o755)
         pid = os.getpid()
-        (tmp / STAGING_MARKER).write_text(f"{pid} {_process_start(pid) or ''}\n")
+        (tmp / STAGING_MARKER).write_text(marker(pid))
         yield tmp
         (tmp / STAGING_MARKER).unlink()
     except BaseException:

@@ -21,8 +21,8 @@ from .base import Built, Target
 
 
 # LLVM triple architectures spelled otherwise than LLVM's target names (llvm_get_targets)
-_ARCH_ALIASES = [(r"arm64(e)?", "aarch64"), (r"arm64_32", "aarch64_32"), (r"(arm|armeb|thumb|thumbeb)v[0-9][0-9a-z.]*", None),
-                 (r"i[3-9]86", "i386"), (r"amd64|x86_64h", "x86_64"), (r"(riscv32|riscv64)[a-z0-9_]*", None),
+_ARCH_ALIASES = [(r"arm64(e)?", "aarch64"), (r"arm64_32", "aarch64_32"),
+                 (r"(arm|armeb|thumb|thumbeb)v[0-9][0-9a-z.]*", None), (r"i[3-9]86", "i386"), (r"amd64|x86_64h", "x86_64"), (r"(riscv32|riscv64)[a-z0-9_]*", None),
                  (r"ppc64le", "powerpc64le"), (r"ppc64", "powerpc64"), (r"ppc", "powerpc")]
 
 

@@ -226,8 +226,11 @@ def test_sigkill_leftovers_are_removed_by_the_next_compile(tmp_path):
     mine.mkdir()
     live = tmp_path / ".out.live"  # a staging folder of a compile still running (this process)
     live.mkdir()
-    (live / package.STAGING_MARKER).write_text(f"{os.getpid()} {package._process_start(os.getpid())}\n")
+    (live / package.STAGING_MARKER).write_text(package.marker(os.getpid()))
+    elsewhere = tmp_path / ".out.other-host"  # made on another machine sharing the folder: its PID means nothing here
+    elsewhere.mkdir()
+    (elsewhere / package.STAGING_MARKER).write_text("999999999  some-other-host\n")
     with package.staging(tmp_path / "out") as tmp:
         (tmp / "x").write_text("1")
-    assert not stale.exists() and mine.is_dir() and live.is_dir()
+    assert not stale.exists() and mine.is_dir() and live.is_dir() and elsewhere.is_dir()
     assert not (tmp_path / "out" / package.STAGING_MARKER).exists()
