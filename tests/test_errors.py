@@ -64,7 +64,7 @@ def test_weights_that_do_not_fit_the_config(capsys, tmp_path, good):
     """A dense checkpoint labelled MoE: the expert weights are missing."""
     ckpt = _copy(good, tmp_path)
     cfg = json.loads((ckpt / "config.json").read_text())
-    (ckpt / "config.json").write_text(json.dumps(dict(cfg, model_type="ernie4_5_moe", moe_num_experts=4)))
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, model_type="ernie4_5_moe", moe_num_experts=4, moe_k=2)))
     _compile_fails(capsys, tmp_path, ckpt, match="weights missing or of the wrong shape")
 
 

@@ -49,8 +49,11 @@ def capture(model, max_seq_len: int, passes: list, ids_dtype: str = "int64") -> 
         p.install(model).check()
     step = _Step(model).eval()
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
-    ids = torch.zeros(1, 4, dtype=getattr(torch, ids_dtype))
-    pos = torch.arange(4, dtype=getattr(torch, ids_dtype)).unsqueeze(0)
+    # the example length must lie inside the range, and be 2 or more (export specializes a dimension
+    # traced at 1): --max-seq-len 2 and 3 trace at their own length
+    example = min(4, max_seq_len)
+    ids = torch.zeros(1, example, dtype=getattr(torch, ids_dtype))
+    pos = torch.arange(example, dtype=getattr(torch, ids_dtype)).unsqueeze(0)
     with torch.no_grad():
         prefill = torch.export.export(step, (ids, pos), dynamic_shapes={"input_ids": {1: seq},
                                                                         "position_ids": {1: seq}})

@@ -101,8 +101,9 @@ def capture(model, max_seq_len: int) -> Captured:
     step = CachedStep(model, max_seq_len).eval()
     kv = step.example_kv()
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
-    ids = torch.zeros(1, 4, dtype=torch.int64)
-    pos = torch.arange(4).unsqueeze(0)
+    example = min(4, max_seq_len)  # inside the range, and not 1 (see capture.capture)
+    ids = torch.zeros(1, example, dtype=torch.int64)
+    pos = torch.arange(example).unsqueeze(0)
     with torch.no_grad():
         prefill = torch.export.export(step, (ids, pos, kv), dynamic_shapes={
             "input_ids": {1: seq}, "position_ids": {1: seq}, "kv": [None] * len(kv)})

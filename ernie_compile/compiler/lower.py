@@ -24,6 +24,7 @@ from ..passes.kernel_table import KernelTable
 from ..passes.weight_records import WeightRecord
 # tokens per KV-cache page, baked into the library's kernels; the runtime's schema requires it
 from ..runtime.schema import KV_PAGE_SIZE as PAGE_SIZE
+from . import validate
 from .capture import Captured
 
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
@@ -194,7 +195,9 @@ def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: Lowering
 def _kv_cache_module(config, dtype: str, target, rope_mode: str) -> tvm.IRModule:
     """`create_kv`: TVM's paged KV cache with TIR kernels for `target` (ours; it may replace some of
     TVM's kernels with its own). rope_mode "normal": the cache applies ERNIE's interleaved (GPT-J)
-    RoPE to q/k itself; "none": the graph already did."""
+    RoPE to q/k itself, at position × scale (the config's RoPE type, validate.rope: 1 by default,
+    1/factor for "linear"); "none": the graph already did."""
+    theta, scale = validate.rope(config)
     tvm_target = target.tvm
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -209,8 +212,8 @@ def _kv_cache_module(config, dtype: str, target, rope_mode: str) -> tvm.IRModule
                 num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
                 num_key_value_heads=config.num_key_value_heads, qk_head_dim=head_dim, v_head_dim=head_dim,
                 mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-                rope_mode=RopeMode.NORMAL if rope_mode == "normal" else RopeMode.NONE, rope_scale=1,
-                rope_theta=float(config.rope_parameters["rope_theta"]),
+                rope_mode=RopeMode.NORMAL if rope_mode == "normal" else RopeMode.NONE, rope_scale=scale,
+                rope_theta=theta,
                 rope_scaling={"rope_type": "gptj"}, rope_ext_factors=relax.prim_value(0), rotary_dim=head_dim,
                 enable_disaggregation=False, dtype=dtype, target=tvm_target)
 
@@ -219,8 +222,7 @@ def _kv_cache_module(config, dtype: str, target, rope_mode: str) -> tvm.IRModule
     with tvm_target:
         mod, _ = KVCache().export_tvm(spec={"create_kv": spec})
     heads = (config.num_key_value_heads, config.num_attention_heads, head_dim, dtype, PAGE_SIZE)
-    theta = float(config.rope_parameters["rope_theta"])
-    for name, kernel in target.kernels.kv_cache_overrides(*heads, theta).items():
+    for name, kernel in target.kernels.kv_cache_overrides(*heads, theta, scale).items():
         mod[mod.get_global_var(name)] = kernel.with_attr("global_symbol", name)
     return mod
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -29,16 +30,73 @@ def check_output(output: Path) -> None:
         raise UserError(f"-o {output}: folder is not empty and is not an ernie-compile artifact; refusing to overwrite")
 
 
+# Inside every staging folder while it is one: the creating process's PID, start time and host, so that a later
+# compile removes the folders of compiles killed by SIGKILL (or a power cut), and never a user's folder.
+STAGING_MARKER = ".ernie-compile-staging"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of `pid` in clock ticks since boot (/proc/PID/stat field 22), which tells a live
+    process from a later one that reuses its PID; None where /proc does not say."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def marker(pid: int) -> str:
+    """The marker's text: PID, its start time, the host (a folder shared between machines or containers
+    is judged only by the one that made it)."""
+    return f"{pid} {_process_start(pid) or ''} {socket.gethostname()}\n"
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        pass
+    return start is None or _process_start(pid) in (None, start)
+
+
+def remove_stale_staging(parent: Path, log=None) -> list[Path]:
+    """Remove the staging folders in `parent` whose compile died without cleaning up: hidden folders
+    holding our marker whose process is gone. A folder without the marker is not ours and is left."""
+    removed = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(".") and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            pid_text, start, host = ((folder / STAGING_MARKER).read_text().split("\n")[0].split(" ") + ["", ""])[:3]
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if host == socket.gethostname() and not _alive(pid, start or None):  # another machine's PIDs: not ours to judge
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            if log:
+                log(f"  removed {folder}: the staging folder of a compile that died (process {pid})")
+    return removed
+
+
 @contextmanager
-def staging(output: Path):
-    """Yield a temporary folder beside `output`; on success it replaces `output`."""
+def staging(output: Path, log=None):
+    """Yield a temporary folder beside `output`; on success it replaces `output`. Staging folders left
+    beside it by killed compiles are removed first."""
     output = Path(output).resolve()
     check_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(output.parent, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    tmp.chmod(0o755)
     try:
+        tmp.chmod(0o755)
+        pid = os.getpid()
+        (tmp / STAGING_MARKER).write_text(marker(pid))
         yield tmp
+        (tmp / STAGING_MARKER).unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -71,7 +129,7 @@ def _chunks(record, source):
         if len(record.sources) != 1 or record.rows is not None:
             raise InternalError(f"weight {record.name}: a stacked weight is read from one source, whole")
         for e in range(record.shape[0]):
-            yield e, source.get(record.sources[0], index=e)[None]
+            yield e, _finite(source.get(record.sources[0], index=e), f"{record.sources[0]} (expert {e})")[None]
         return
     parts, start = [], 0  # (name, first row of the part within the concatenation, its rows)
     for name in record.sources:
@@ -85,13 +143,25 @@ def _chunks(record, source):
     step = max(16, CHUNK_BYTES // max(4 * math.prod(record.shape[1:]), 1) // 16 * 16)
     for a in range(lo, hi, step):
         b = min(a + step, hi)
-        pieces = [source.get_rows(name, max(a, p0) - p0, min(b, p0 + n) - p0)
+        pieces = [_finite(source.get_rows(name, max(a, p0) - p0, min(b, p0 + n) - p0), name, max(a, p0) - p0)
                   for name, p0, n in parts if p0 < b and a < p0 + n]
         value = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         if tuple(value.shape[1:]) != tuple(record.shape[1:]):
             raise InternalError(f"weight {record.name}: the checkpoint gives rows of {value.shape[1:]}, "
                                 f"the compiled code takes {record.shape[1:]}")
         yield a - lo, value
+
+
+def _finite(value, name: str, first_row: int = 0):
+    """`value` (a chunk as read), refused in one line if it holds a NaN or an infinity: such a weight
+    compiles, then every run computes NaN logits. Checked here, on the chunk packaging reads anyway."""
+    import numpy as np
+
+    if not np.isfinite(value).all():
+        bad = np.argwhere(~np.isfinite(value))[0]
+        where = ", ".join(str(int(i)) for i in (bad[0] + first_row, *bad[1:]))
+        raise UserError(f"weight {name}: {value[tuple(bad)]} at [{where}] (a checkpoint weight must be finite)")
+    return value
 
 
 def produce(record, source, errors: dict):
@@ -208,7 +278,7 @@ def _itemsize(dtype: str) -> int:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, STAGING_MARKER))
     manifest = dict(manifest, format_version=FORMAT_VERSION,
                     files={str(p.relative_to(folder)): sha256(p) for p in files})
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """The one place that decides stage order: each backend is a list of named phases, run by one loop.
 
-`compile_model` first resolves the options against the target (cheap checks: nothing is loaded for
-a bad flag), then runs the backend's phases in order inside the staging folder (package.staging:
+`compile_model` first checks the flags and output paths, resolves the options against the target,
+and reads and validates the model's config (validate.py; cheap checks: nothing is loaded for a bad
+flag or config), then runs the backend's phases in order inside the staging folder (package.staging:
 the artifact appears at -o whole or not at all). The loop times each phase, collects what each
 pass matched against what it expected (a shortfall fails the compile), writes the IR after every
 phase with `--dump-ir DIR` (`NN-phase.*`), and on an internal error names the phase and the
@@ -28,6 +29,7 @@ import dataclasses
 import datetime
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,7 +41,7 @@ from ..errors import InternalError, UserError
 from ..passes import PassReport, quantize_weights, select_passes, split_large_weights
 from ..quant import QuantPolicy
 from ..targets import Target, get_target
-from . import package
+from . import package, validate
 from .kernel_count import count_kernels
 from .lower import PAGE_SIZE
 from .options import CompileOptions
@@ -81,7 +83,22 @@ class Phase:
     dump: Callable[[Compile, Path], None] | None = None  # writes this phase's IR under the given stem
 
 
+# Warnings of our dependencies about their own internals, printed on every compile and telling a user
+# nothing to act on: (category, message regex, why it is not ours to fix).
+KNOWN_WARNINGS = [
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+     "torch.export copies its own LeafSpec tree specs (torch 2.10+ deprecates the class it still uses)"),
+]
+
+
 def _run_phases(phases: list[Phase], c: Compile, dump_dir: Path | None) -> None:
+    with warnings.catch_warnings():
+        for category, message, _ in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        _run_phases_loop(phases, c, dump_dir)
+
+
+def _run_phases_loop(phases: list[Phase], c: Compile, dump_dir: Path | None) -> None:
     done: list[str] = []
     for i, phase in enumerate(phases):
         if not phase.applies(c):
@@ -146,13 +163,18 @@ def _load(c: Compile, materialize: bool) -> None:
     if skipped:
         shown = ", ".join(skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
         c.log(f"  skipped {len(skipped)} checkpoint tensors transformers does not use: {shown}")
-    config = c.loaded.model.config
-    if opts.max_seq_len is None:
-        c.opts = dataclasses.replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings))
-    elif opts.max_seq_len > config.max_position_embeddings:
-        raise UserError(f"--max-seq-len {opts.max_seq_len} exceeds the model's max_position_embeddings "
-                        f"({config.max_position_embeddings})")
     c.log("options: " + json.dumps(c.opts.as_dict()))
+
+
+def _check_config(c: Compile) -> None:
+    """The model's config, read and validated before anything is loaded (compiler/validate.py), and
+    --max-seq-len resolved against it."""
+    from .load import read_config
+
+    config = read_config(c.opts.model, dict(c.opts.preset_overrides))
+    if c.opts.max_seq_len is None:
+        c.opts = dataclasses.replace(c.opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings))
+    validate.max_seq_len(c.opts.max_seq_len, config)
 
 
 def _versions() -> dict:
@@ -273,8 +295,11 @@ def _quantize(c: Compile) -> None:
 
 
 def _target_passes(c: Compile) -> None:
+    from ..passes import clip_take_indices
+
     c.mod, reports = c.target.passes(c.mod, c.tuner)
     c.reports += reports
+    c.mod, _ = clip_take_indices.run(c.mod)  # last: after every pass that emits a take
     c.decode_kernels = count_kernels(c.mod, "decode")
     c.log(f"  decode step: {c.decode_kernels['tir']} TIR kernels, {c.decode_kernels['builtin']} runtime builtin calls")
     if c.opts.tuning_db:
@@ -450,23 +475,24 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     if opts.backend not in BACKENDS:
         raise UserError(f"unknown backend {opts.backend!r}; backends: {', '.join(BACKENDS)}")
     backend = BACKENDS[opts.backend]
+    validate.options(opts)  # flags and output paths: before any work
     c = Compile(opts, log)
     backend.resolve(c)
-    if c.opts.max_seq_len is not None and c.opts.max_seq_len < 2:
-        raise UserError(f"--max-seq-len {c.opts.max_seq_len}: must be at least 2")
+    _check_config(c)
+    if c.opts.plan and opts.backend != "tvm":
+        raise UserError("--plan applies to the tvm backend")
+    if not c.opts.plan:
+        package.check_output(c.opts.output)
     dump = Path(c.opts.dump_ir) if c.opts.dump_ir else None
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
     if c.opts.plan:
-        if opts.backend != "tvm":
-            raise UserError("--plan applies to the tvm backend")
         _run_phases(backend.phases, c, dump)
         report = {"options": c.opts.as_dict(), "backend": c.opts.backend, "stages": c.seconds, "plan": c.plan}
         if c.opts.report:
             Path(c.opts.report).write_text(json.dumps(report, indent=2) + "\n")
         return report
-    package.check_output(c.opts.output)
-    with package.staging(c.opts.output) as c.out:
+    with package.staging(c.opts.output, log) as c.out:
         _run_phases(backend.phases, c, dump)
         size = sum(p.stat().st_size for p in c.out.rglob("*") if p.is_file())
     report = {"output": str(Path(c.opts.output).resolve()), "options": c.opts.as_dict(), "backend": c.opts.backend,

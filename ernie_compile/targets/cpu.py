@@ -20,7 +20,36 @@ from . import cpu_kernels, cpu_vnni
 from .base import Built, Target
 
 
+# LLVM triple architectures spelled otherwise than LLVM's target names (llvm_get_targets)
+_ARCH_ALIASES = [(r"arm64(e)?", "aarch64"), (r"arm64_32", "aarch64_32"),
+                 (r"(arm|armeb|thumb|thumbeb)v[0-9][0-9a-z.]*", None), (r"i[3-9]86", "i386"), (r"amd64|x86_64h", "x86_64"), (r"(riscv32|riscv64)[a-z0-9_]*", None),
+                 (r"ppc64le", "powerpc64le"), (r"ppc64", "powerpc64"), (r"ppc", "powerpc")]
+
+
+def _check_triple(triple: str, spec: str) -> None:
+    """The triple's architecture must be one this LLVM has a backend for: TVM hands an unknown one to
+    LLVM, which crashes the process (a segfault, not an error) the first time the target is used."""
+    import re
+
+    parts = triple.split("-")
+    if not all(parts):
+        raise UserError(f"target {spec!r}: an LLVM triple looks like ARCH-VENDOR-OS[-ENV], "
+                        "e.g. aarch64-linux-android, arm64-apple-ios, x86_64-pc-windows-msvc")
+    arch = parts[0]
+    known = set(tvm.target.codegen.llvm_get_targets())
+    for pattern, name in _ARCH_ALIASES:
+        m = re.fullmatch(pattern, arch)
+        if m:
+            arch = name or m.group(1)
+            break
+    if arch not in known:
+        raise UserError(f"target {spec!r}: architecture {parts[0]!r} is not one this LLVM builds for "
+                        f"({', '.join(sorted(known))})")
+
+
 def _llvm(triple: str | None, mcpu: str | None, spec: str) -> tvm.target.Target:
+    if triple:
+        _check_triple(triple, spec)
     desc = {"kind": "llvm"}
     if triple:
         desc["mtriple"] = triple

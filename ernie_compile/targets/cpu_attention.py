@@ -76,12 +76,14 @@ def _attention_macros(block: int, d: int, dtype: str, key, value):
     return start, attend_block, end
 
 
-def fused_rope(num_q_heads: int, num_kv_heads: int, head_dim: int, theta: float, dtype: str = "float32"):
+def fused_rope(num_q_heads: int, num_kv_heads: int, head_dim: int, theta: float, dtype: str = "float32",
+               scale: float = 1.0):
     """Split fused q|k|v rows and apply interleaved (GPT-J) RoPE to q and k, for the KV cache's
     `fused_rope` slot: same signature and the same float32 math as TVM's kernel, but each token's
     cos/sin are computed once for all its heads instead of per (head, element), and tokens run in
     parallel. TVM's (one thread, 3 transcendentals per element) took 15 µs per 0.3b decode layer and
-    0.5 ms per layer for a 32-token prefill."""
+    0.5 ms per layer for a 32-token prefill. `scale` multiplies the position (linear RoPE scaling:
+    1/factor), as TVM's `rope_scale` does."""
     heads, half = num_q_heads + 2 * num_kv_heads, head_dim // 2
 
     def rotated(qkv, s, h, p, cs, odd):  # element 2p + odd of head h after the rotation
@@ -93,10 +95,12 @@ def fused_rope(num_q_heads: int, num_kv_heads: int, head_dim: int, theta: float,
     def rope_token(qkv, position_map, q, k, v, apply_rope, s):
         cs = T.decl_buffer((2, half), "float32")  # cos, sin of pair p's angle
         for p in range(half):
-            cs[0, p] = T.if_then_else(apply_rope > T.int64(0), T.cos(T.Cast("float32", position_map[s]) / T.pow(
-                T.float32(theta), T.Cast("float32", 2 * p) / T.float32(head_dim))), T.float32(1))
-            cs[1, p] = T.if_then_else(apply_rope > T.int64(0), T.sin(T.Cast("float32", position_map[s]) / T.pow(
-                T.float32(theta), T.Cast("float32", 2 * p) / T.float32(head_dim))), T.float32(0))
+            cs[0, p] = T.if_then_else(apply_rope > T.int64(0), T.cos(
+                T.Cast("float32", position_map[s]) * T.float32(scale) / T.pow(
+                    T.float32(theta), T.Cast("float32", 2 * p) / T.float32(head_dim))), T.float32(1))
+            cs[1, p] = T.if_then_else(apply_rope > T.int64(0), T.sin(
+                T.Cast("float32", position_map[s]) * T.float32(scale) / T.pow(
+                    T.float32(theta), T.Cast("float32", 2 * p) / T.float32(head_dim))), T.float32(0))
         for h, p in T.grid(num_q_heads, half):
             q[s, h, 2 * p] = rotated(qkv, s, h, p, cs, False)
             q[s, h, 2 * p + 1] = rotated(qkv, s, h, p, cs, True)
@@ -236,9 +240,9 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
 
 
 def kv_cache_overrides(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int,
-                       rope_theta: float) -> dict:
+                       rope_theta: float, rope_scale: float = 1.0) -> dict:
     """The kernels of TVM's paged KV cache to replace, by name."""
     heads = (num_kv_heads, num_qo_heads, head_dim, dtype)
     return {"batch_decode_paged_kv_cpu": paged_decode_attention(*heads, page_size),
             "batch_prefill_ragged_kv": ragged_prefill_attention(*heads),
-            "fused_rope": fused_rope(num_qo_heads, num_kv_heads, head_dim, rope_theta, dtype)}
+            "fused_rope": fused_rope(num_qo_heads, num_kv_heads, head_dim, rope_theta, dtype, rope_scale)}

@@ -34,10 +34,35 @@ SCHEDULE_ARCH = "sm_60"
 
 def _parse_archs(text: str) -> tuple[str, ...]:
     archs = tuple(a.strip() for a in text.split(",") if a.strip())
-    bad = [a for a in archs if not re.fullmatch(r"sm_\d{2,3}a?", a)]
+    bad = [a for a in archs if not re.fullmatch(r"sm_\d{2,3}[af]?", a)]
     if not archs or bad:
         raise UserError(f"--target cuda:{text}: architectures look like sm_80,sm_90 (got {', '.join(bad) or 'none'})")
+    known = nvcc_archs()
+    if known is not None:
+        unknown = [a for a in archs if re.sub(r"[af]$", "", a).replace("sm_", "compute_") not in known]
+        if unknown:
+            raise UserError(f"--target cuda:{text}: this nvcc does not build for {', '.join(unknown)} "
+                            f"(it builds for {', '.join(k.replace('compute_', 'sm_') for k in known)})")
     return archs
+
+
+_NVCC_ARCHS: list = []
+
+
+def nvcc_archs() -> tuple[str, ...] | None:
+    """The virtual architectures (compute_80, …) `nvcc --list-gpu-arch` names; None without nvcc (the
+    build then says nvcc is missing) or where it cannot list them (an old nvcc)."""
+    if not _NVCC_ARCHS:
+        nvcc, found = shutil.which("nvcc"), None
+        if nvcc:
+            try:
+                proc = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+                listed = tuple(re.findall(r"compute_\d+[a-z]?", proc.stdout))
+                found = listed if proc.returncode == 0 and listed else None
+            except (OSError, subprocess.SubprocessError):
+                found = None
+        _NVCC_ARCHS.append(found)
+    return _NVCC_ARCHS[0]
 
 
 def nvcc_fatbin(code: str, archs: tuple[str, ...]) -> bytes:

@@ -23,7 +23,7 @@ def _i64(*values: int):
 
 
 def kv_cache_overrides(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int,
-                       rope_theta: float) -> dict:
+                       rope_theta: float, rope_scale: float = 1.0) -> dict:
     """TVM's paged KV cache brings scheduled GPU attention kernels: nothing to replace."""
     return {}
 
