@@ -70,7 +70,7 @@ BACKENDS = {
     "tvm": {
         "library": File(".so", ".tar", ".dylib"),
         "target": {"device": OneOf(("cpu", "cuda", "metal"))},
-        "functions": {"prefill": str, "decode": str, "create_kv": str},
+        "functions": {"prefill": str, "decode": str, "create_kv": str, "batch?": str},
         "kernels": {"fatbin?": File(".fatbin"), "source?": File(), "source_sha256?": str, "msl?": File()},
         "weights": {"file": File(".safetensors"), "order": [str]},
         "kv_cache": {"page_size": Int(KV_PAGE_SIZE, KV_PAGE_SIZE)},
