@@ -150,6 +150,7 @@ class Server:
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
                   if chat else {"index": 0, "text": text, "logprobs": None})
         choice["finish_reason"] = FINISH.get(reason, "stop")
+        choice["token_ids"] = list(gen.req.tokens)  # an extension (as vLLM's): the generated ids
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": self.model_name, "choices": [choice],
                              "usage": gen.usage()})

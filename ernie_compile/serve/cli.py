@@ -7,6 +7,7 @@ get 503, running requests finish; then the process exits 0. A second signal exit
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -71,6 +72,10 @@ def _run(argv) -> int:
     config = uvicorn.Config(make_app(server), log_level="warning", timeout_graceful_shutdown=None)
     print(f"ernie-serve: {scheduler.mode}; chat: {server.chat.description}", flush=True)
     print(f"listening on http://{host}:{port}", flush=True)
+    # uvicorn handles SIGTERM / SIGINT while it serves, then raises them again once drained: by then
+    # they mean nothing more (run_cli's handler would turn a finished drain into exit code 2)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     DrainingServer(config).run(sockets=[sock])
     return 0
 
