@@ -48,7 +48,8 @@ class Generation:
                 self.text.flush()
             push(("done", reason, error))
 
-        self.req = Request(prompt, max_tokens, params.sampler.make(), self.text.on_token, done)
+        self.req = Request(prompt, max_tokens, params.sampler.make(), self.text.on_token, done,
+                           stop_at_eos=not params.ignore_eos)
         self.prompt_tokens = len(prompt)
 
     def usage(self) -> dict:

@@ -66,6 +66,7 @@ class Params:
     stop: list[str]
     stream: bool
     include_usage: bool
+    ignore_eos: bool  # an extension (as vLLM's): generate past end-of-sequence tokens (benchmarks)
 
     @classmethod
     def parse(cls, body: dict, max_tokens_keys=("max_tokens",)) -> "Params":
@@ -91,8 +92,11 @@ class Params:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError(400, "stream_options: must be an object", param="stream_options")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, "ignore_eos: must be a boolean", param="ignore_eos")
         sampler = Sampler(temperature, top_p, random.randrange(1 << 31) if seed is None else seed)
-        return cls(max_tokens, sampler, stop, stream, bool(options.get("include_usage")))
+        return cls(max_tokens, sampler, stop, stream, bool(options.get("include_usage")), ignore_eos)
 
 
 def check_ids(ids, vocab_size: int, param: str) -> list[int]:
