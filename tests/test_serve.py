@@ -223,7 +223,7 @@ def test_prefix_is_forked_not_recomputed_and_results_match(session):
     shared = list(range(3, 40))
     a_prompt, b_prompt = shared, shared + [7, 8, 9]
     expected = [session.generate(p, n).tokens for p, n in ((a_prompt, 3), (b_prompt, 12))]
-    sched = Scheduler(session._engine, session.max_seq_len, session.eos_token_ids, max_batch=4, prefill_chunk=16)
+    sched = Scheduler(session.engine, session.max_seq_len, session.eos_token_ids, max_batch=4, prefill_chunk=16)
     thread = threading.Thread(target=sched.run)
     thread.start()
     done = threading.Semaphore(0)
@@ -245,3 +245,37 @@ def test_prefix_is_forked_not_recomputed_and_results_match(session):
         session.reset()  # the engine's single-sequence cache again, for other tests
     assert b.cached_prompt_tokens == len(shared) and sched.stats["prefix_tokens_reused"] == len(shared)
     assert [a.tokens, b.tokens] == expected
+
+
+class _SingleSequenceEngine:
+    """An engine with one sequence's cache (as the inductor and WebGPU engines): no step_many."""
+
+    def __init__(self, engine):
+        self.reset, self.step = engine.reset, engine.step
+
+
+@pytest.mark.parametrize("mode", ["batch", "round-robin", "one-sequence"])
+def test_scheduler_modes_match_session(session, mode, monkeypatch):
+    """The batch step; an artifact without one (one call per sequence per step); an engine of one
+    sequence (requests one after another): all give what Session.generate gives."""
+    expected = [session.generate(p, 10).tokens for p in PROMPTS]
+    engine = session.engine
+    if mode == "round-robin":
+        monkeypatch.setattr(engine, "_batch", None)
+    elif mode == "one-sequence":
+        engine = _SingleSequenceEngine(engine)
+    sched = Scheduler(engine, session.max_seq_len, session.eos_token_ids, max_batch=4, prefill_chunk=16)
+    assert sched.batched == (mode == "batch") and sched.max_batch == (1 if mode == "one-sequence" else 4)
+    thread = threading.Thread(target=sched.run)
+    thread.start()
+    done = threading.Semaphore(0)
+    reqs = [_request(p, 10, done) for p in PROMPTS]
+    try:
+        for r in reqs:
+            sched.submit(r)
+        assert all(done.acquire(timeout=30) for _ in reqs)
+    finally:
+        sched.stop()
+        thread.join(30)
+        session.reset()
+    assert [r.tokens for r in reqs] == expected

@@ -53,7 +53,7 @@ def _run(argv) -> int:
     manifest = load_manifest(args.artifact)
     import_runtime_only_tvm(manifest)
     session = Session(manifest)
-    scheduler = Scheduler(session._engine, session.max_seq_len, session.eos_token_ids, max_batch=args.max_batch,
+    scheduler = Scheduler(session.engine, session.max_seq_len, session.eos_token_ids, max_batch=args.max_batch,
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                           page_size=manifest.data["kv_cache"].get("page_size", 16))
     server = Server(session, scheduler, args.model_name or Path(args.artifact).resolve().name)

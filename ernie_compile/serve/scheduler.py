@@ -215,14 +215,15 @@ class Scheduler:
         decoding = [s for s in self._active if s.fed >= len(s.req.prompt)]
         prefilling = [s for s in self._active if s.fed < len(s.req.prompt)]
         batch, chunks = [], []
-        budget = self.prefill_chunk
         for s in decoding:
             batch.append(s)
             chunks.append(s.pending)  # one token
-        for s in prefilling:  # oldest first; at least one is served per step
-            if budget <= 0 and (chunks or not self.batched):
+        # a step's tokens stay within max_seq_len: the size the cache's per-call buffers were made for
+        budget = min(self.prefill_chunk, self.max_seq_len - len(batch))
+        for s in prefilling:  # oldest first
+            if budget <= 0:
                 break
-            n = min(len(s.pending), max(budget, 1))
+            n = min(len(s.pending), budget)
             batch.append(s)
             chunks.append(s.pending[:n])
             budget -= n
