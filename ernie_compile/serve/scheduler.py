@@ -185,12 +185,18 @@ class Scheduler:
             sid = self._free_ids.pop()
             seq = _Seq(req, sid)
             parent, common = self._longest_cached_prefix(req.prompt)
-            if parent is not None:
-                self.engine.fork_sequence(parent.sid, sid, common)
-                seq.fed = req.cached_prompt_tokens = common
-                self.stats["prefix_tokens_reused"] += common
-            else:
-                self.engine.add_sequence(sid)
+            try:
+                if parent is not None:
+                    self.engine.fork_sequence(parent.sid, sid, common)
+                    seq.fed = req.cached_prompt_tokens = common
+                    self.stats["prefix_tokens_reused"] += common
+                else:
+                    self.engine.add_sequence(sid)
+            except Exception as e:  # the request fails, the scheduler goes on
+                log.exception("admitting a request failed")
+                self._free_ids.append(sid)
+                req.on_done("error", e)
+                continue
             self._active.append(seq)
 
     def _longest_cached_prefix(self, prompt: list[int]) -> tuple[_Seq | None, int]:
