@@ -71,7 +71,8 @@ def level(port: int, n: int, vocab: int, prompt_len: int, max_tokens: int, seed:
     prompts = [rng.integers(3, vocab, prompt_len).tolist() for _ in range(n)]
     barrier = threading.Barrier(n)
     results = [{} for _ in range(n)]
-    threads = [threading.Thread(target=stream, args=(port, p, max_tokens, barrier, r)) for p, r in zip(prompts, results)]
+    threads = [threading.Thread(target=stream, args=(port, p, max_tokens, barrier, r))
+               for p, r in zip(prompts, results)]
     for t in threads:
         t.start()
     for t in threads:
@@ -105,7 +106,8 @@ def main() -> None:
     try:
         level(port, 1, vocab, args.prompt_len, 8, seed=99)  # warm-up
         for n in args.streams:
-            runs = [level(port, n, vocab, args.prompt_len, args.max_tokens, seed=n * 100 + r) for r in range(args.reps)]
+            runs = [level(port, n, vocab, args.prompt_len, args.max_tokens, seed=n * 100 + r)
+                    for r in range(args.reps)]
             rows.append(sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2])
             print(json.dumps(rows[-1]), flush=True)
     finally:

@@ -188,7 +188,9 @@ class Server:
                     return
                 yield chunk(None, FINISH.get(reason, "stop"))
                 if include_usage:
-                    yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': self.model_name, 'choices': [], 'usage': gen.usage()})}\n\n"
+                    usage = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [],
+                             "usage": gen.usage()}
+                    yield f"data: {json.dumps(usage)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
         finally:

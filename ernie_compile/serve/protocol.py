@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..runtime import Sampler
 
-FALLBACK_TEMPLATE = 'ERNIE-style fallback: "User: …\\nAssistant: " (the artifact\'s tokenizer files carry no chat template)'
+FALLBACK_TEMPLATE = ('ERNIE-style fallback: "User: …\\nAssistant: " '
+                     "(the artifact's tokenizer files carry no chat template)")
 MAX_STOPS = 4
 
 
