@@ -5,7 +5,8 @@ Starts `ernie-serve ARTIFACT --max-batch <largest concurrency>` on 127.0.0.1, th
 level sends that many streaming completions at once (distinct random prompts, so no prefix is shared;
 greedy; ignore_eos so every stream generates --max-tokens). Aggregate decode tok/s = tokens after
 each stream's first / (last token − first stream's first token); TTFT from send to the first token;
-ITL between consecutive tokens of a stream. Prints a markdown table; --json FILE writes the rows.
+ITL between consecutive tokens of a stream; steady tok/s counts only
+the span in which every stream is decoding (no prefill in the steps). Prints a markdown table; --json FILE writes the rows.
 
     ernie-compile --model ernie-4.5-0.3b --bits 4 -o /tmp/03b
     python bench/bench_serve.py /tmp/03b --streams 1 2 4 8 16 --max-tokens 64 --prompt-len 32
@@ -80,11 +81,15 @@ def level(port: int, n: int, vocab: int, prompt_len: int, max_tokens: int, seed:
     first = min(r["times"][0] for r in results)
     last = max(r["times"][-1] for r in results)
     decode_tokens = sum(r["tokens"] - 1 for r in results)
+    # steady state: while every stream decodes (after the last first token, before the first last one)
+    lo, hi = max(r["times"][0] for r in results), min(r["times"][-1] for r in results)
+    steady = sum(lo < t <= hi for r in results for t in r["times"])
     ttft = [r["times"][0] - r["t0"] for r in results]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     pct = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 1)  # noqa: E731
     return {"streams": n, "decode_tok_s": round(decode_tokens / (last - first), 1),
             "per_stream_tok_s": round(decode_tokens / (last - first) / n, 1),
+            "steady_tok_s": round(steady / (hi - lo), 1) if hi > lo else None,
             "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p90": pct(ttft, 90), "ttft_ms_max": pct(ttft, 100),
             "itl_ms_p50": pct(itl, 50), "itl_ms_p90": pct(itl, 90), "itl_ms_p99": pct(itl, 99)}
 
