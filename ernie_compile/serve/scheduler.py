@@ -187,10 +187,14 @@ class Scheduler:
             parent, common = self._longest_cached_prefix(req.prompt)
             try:
                 if parent is not None:
-                    self.engine.fork_sequence(parent.sid, sid, common)
-                    seq.fed = req.cached_prompt_tokens = common
-                    self.stats["prefix_tokens_reused"] += common
-                else:
+                    try:
+                        self.engine.fork_sequence(parent.sid, sid, common)
+                        seq.fed = req.cached_prompt_tokens = common
+                        self.stats["prefix_tokens_reused"] += common
+                    except Exception:  # the cache refused the fork: compute the prompt instead
+                        log.exception("fork_sequence failed; prefilling the whole prompt")
+                        parent = None
+                if parent is None:
                     self.engine.add_sequence(sid)
             except Exception as e:  # the request fails, the scheduler goes on
                 log.exception("admitting a request failed")
