@@ -74,6 +74,8 @@ BACKENDS = {
         "kernels": {"fatbin?": File(".fatbin"), "source?": File(), "source_sha256?": str, "msl?": File()},
         "weights": {"file": File(".safetensors"), "order": [str]},
         "kv_cache": {"page_size": Int(KV_PAGE_SIZE, KV_PAGE_SIZE)},
+        # read by artifact.check_cpu before the library loads
+        "quantization?": Nullable({"int8_dot?": Nullable(str)}),
     },
     "inductor": {
         "target": {"device": OneOf(("cpu",))},
