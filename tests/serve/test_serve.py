@@ -279,3 +279,23 @@ def test_scheduler_modes_match_session(session, mode, monkeypatch):
         thread.join(30)
         session.reset()
     assert [r.tokens for r in reqs] == expected
+
+
+def test_chat_uses_the_artifacts_template_where_it_has_one(tmp_path):
+    from ernie_compile.serve.protocol import ChatFormat
+
+    class Chars:
+        available = True
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    template = ("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "^"}))
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    chat = ChatFormat(tmp_path, {"files": ["tokenizer_config.json"], "bos_token_id": 1})
+    assert "chat template" in chat.description and "fallback" not in chat.description
+    assert "".join(map(chr, chat.prompt(body, Chars()))) == "^<user>hi<assistant>"
+    fallback = ChatFormat(tmp_path, {"files": [], "bos_token_id": 1})
+    assert fallback.prompt(body, Chars()) == [1] + [ord(c) for c in "User: hi\nAssistant: "]
