@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DENSE_CONFIGS, PROMPT_IDS as PROMPT, eager_greedy, eager_model, rel_error, run_cli
+from conftest import (DENSE_CONFIGS, PROMPT_IDS as PROMPT, check_batch_step, eager_greedy, eager_model, rel_error,
+                      run_cli)
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
 from ernie_compile.runtime import Session
@@ -122,3 +123,8 @@ def test_second_prefill_on_a_cached_sequence(compiled, checkpoints):
     seq.append(3)
     with torch.no_grad():
         assert rel_error(session.forward([3]), ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
+
+
+def test_batch_step_logits_match_eager(compiled, checkpoints):
+    name, out, _ = compiled
+    check_batch_step(out, eager_model(checkpoints[name]), REL_TOL)

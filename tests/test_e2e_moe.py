@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import MOE_CONFIGS, PROMPT_IDS, eager_greedy, eager_model, rel_error, run_cli
+from conftest import MOE_CONFIGS, PROMPT_IDS, check_batch_step, eager_greedy, eager_model, rel_error, run_cli
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
 from ernie_compile.passes.fuse_moe_routing import expected_sites
@@ -75,3 +75,8 @@ def test_greedy_32_tokens_cli(moe_checkpoints, tmp_path):
                    "--max-new-tokens", "32", "--ignore-eos", "--json")
     tokens = json.loads(proc.stdout.strip().splitlines()[-1])["tokens"]
     assert tokens == eager_greedy(eager_model(moe_checkpoints[name]), PROMPT_IDS, 32)
+
+
+def test_batch_step_logits_match_eager(compiled, moe_checkpoints):
+    name, out, _ = compiled
+    check_batch_step(out, eager_model(moe_checkpoints[name]), REL_TOL)

@@ -1,7 +1,11 @@
-"""Transformers model → two torch.export programs sharing one set of weights.
+"""Transformers model → torch.export programs sharing one set of weights.
 
 prefill(input_ids [1, T], position_ids [1, T]) → logits of the last token [1, V], T symbolic in
-[1, max_seq_len]; decode(input_ids [1, 1], position_ids [1, 1]) → [1, V]. The KV cache is not a
+[1, max_seq_len]; decode(input_ids [1, 1], position_ids [1, 1]) → [1, V]; with `batch`, also
+batch(input_ids [1, T], position_ids [1, T], logit_rows [R]) → logits of the tokens at those rows
+[R, V]: the tokens of several sequences concatenated (a ragged batch; the KV cache keeps their
+attention apart), the logits of each sequence's last token (the server's continuous batching,
+ernie_compile/serve/). The KV cache is not a
 tensor input: attention goes through `ernie.kv_attention` (passes/route_attention_to_kv_cache.py),
 which lowering binds to TVM's paged KV cache. Positions are inputs, so nothing in the graph derives
 them from shapes.
@@ -27,10 +31,24 @@ class _Step(torch.nn.Module):
         return out.logits[:, -1]  # [1, V]
 
 
+class _BatchStep(torch.nn.Module):
+    """One forward step over a ragged batch returning the logits of the tokens at `logit_rows`;
+    transformers' `logits_to_keep` takes the rows as a tensor and applies lm_head to them alone."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, logit_rows):
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logit_rows)
+        return out.logits[0]  # [R, V]
+
+
 @dataclass
 class Captured:
     prefill: torch.export.ExportedProgram
     decode: torch.export.ExportedProgram
+    batch: torch.export.ExportedProgram | None  # None: not captured (the target does not batch)
     # graph input name → transformers state-dict name, for every lifted parameter
     param_names: dict[str, str]
 
@@ -42,9 +60,10 @@ def parameter_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
             if s.kind.name == "PARAMETER"}
 
 
-def capture(model, max_seq_len: int, passes: list, ids_dtype: str = "int64") -> Captured:
+def capture(model, max_seq_len: int, passes: list, ids_dtype: str = "int64", batch: bool = False) -> Captured:
     """`passes` (passes.select_passes) first route the model's modules through our ops. Token ids and
-    positions are `ids_dtype` (int32 for targets without 64-bit integers: WGSL has none)."""
+    positions are `ids_dtype` (int32 for targets without 64-bit integers: WGSL has none). `batch`:
+    capture the batch step too."""
     for p in passes:
         p.install(model).check()
     step = _Step(model).eval()
@@ -58,7 +77,14 @@ def capture(model, max_seq_len: int, passes: list, ids_dtype: str = "int64") -> 
         prefill = torch.export.export(step, (ids, pos), dynamic_shapes={"input_ids": {1: seq},
                                                                         "position_ids": {1: seq}})
         decode = torch.export.export(step, (ids[:, :1], pos[:, :1]))
-    names = [parameter_names(ep) for ep in (prefill, decode)]
-    if names[0] != names[1]:
-        raise InternalError("prefill and decode captured different parameter lists")
-    return Captured(prefill, decode, names[0])
+        batched = None
+        if batch:
+            rows = torch.tensor([1, 3], dtype=getattr(torch, ids_dtype))  # 2 of 4: R and T stay distinct
+            batched = torch.export.export(
+                _BatchStep(model).eval(), (ids, pos, rows),
+                dynamic_shapes={"input_ids": {1: seq}, "position_ids": {1: seq},
+                                "logit_rows": {0: torch.export.Dim("rows", min=1, max=max_seq_len)}})
+    names = [parameter_names(ep) for ep in (prefill, decode, batched) if ep is not None]
+    if any(n != names[0] for n in names):
+        raise InternalError("the steps captured different parameter lists")
+    return Captured(prefill, decode, batched, names[0])

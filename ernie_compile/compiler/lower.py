@@ -1,4 +1,4 @@
-"""Captured programs → one Relax IRModule with `prefill`, `decode` and `create_kv`.
+"""Captured programs → one Relax IRModule with `prefill`, `decode`, `create_kv` (and `batch` if captured).
 
 Each Relax step function takes (input_ids, position_ids, paged_kv_cache, *weights); the weights stay
 function inputs (not constants) so the library is separate from the weight file and the runtime
@@ -245,7 +245,9 @@ def lower(captured: Captured, config, target, passes: list, dtype: str = "float3
     ctx = LoweringContext(target, config, max_seq_len, dtype)
     mod = tvm.IRModule() if ctx.contiguous else _kv_cache_module(config, dtype, target, rope_modes.pop())
     step_weights = {}
-    for name in ("prefill", "decode"):
+    for name in ("prefill", "decode", "batch"):
+        if getattr(captured, name) is None:
+            continue
         reports = [PassReport(p.NAME, expected=p.expected_sites(config)) for p in passes]
         mod[name], step_weights[name] = _import_step(getattr(captured, name), name, reports, passes, ctx,
                                                      captured.param_names)
@@ -254,7 +256,7 @@ def lower(captured: Captured, config, target, passes: list, dtype: str = "float3
                 r.check()
             except InternalError as e:
                 raise InternalError(f"lowering {name}: {e}") from None
-    if step_weights["prefill"] != step_weights["decode"]:
-        raise InternalError("prefill and decode take different weights")
+    if any(w != step_weights["decode"] for w in step_weights.values()):
+        raise InternalError(f"the steps {', '.join(step_weights)} take different weights")
     ctx.kernels.add_to(mod)
     return mod, reports, step_weights["decode"]

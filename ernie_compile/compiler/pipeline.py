@@ -12,7 +12,7 @@ TVM route (the default backend):
     load                 checkpoint folder / preset → transformers' own model (load.py)
     capture              the graph passes route transformers' modules through our ops
                          (fuse_gqa_attention, fuse_moe_routing, fuse_gated_mlp); torch.export of
-                         prefill and decode (capture.py)
+                         prefill, decode and (targets with batch_step) batch (capture.py)
     lower                ExportedPrograms → Relax; each graph pass's converter lowers its op
                          (lower.py, passes/); weight records for the packager
     split_large_weights  weights over the target's binding limit → row blocks (WebGPU)
@@ -121,7 +121,9 @@ def _run_phases_loop(phases: list[Phase], c: Compile, dump_dir: Path | None) -> 
 
 
 def _dump_graphs(c: Compile, stem: Path) -> None:
-    for name in ("prefill", "decode"):
+    for name in ("prefill", "decode", "batch"):
+        if getattr(c.captured, name) is None:
+            continue
         Path(f"{stem}.{name}.txt").write_text(str(getattr(c.captured, name).graph_module.code))
 
 
@@ -272,7 +274,8 @@ def _capture(c: Compile) -> None:
     cast(model, c.opts.dtype)
     c.passes = select_passes(model.config, fuse_attention=c.opts.fuse_attention)
     with fake_parameters(model):  # shapes and dtypes only: no weight is held
-        c.captured = capture(model, c.opts.max_seq_len, c.passes, ids_dtype=c.target.index_dtype)
+        c.captured = capture(model, c.opts.max_seq_len, c.passes, ids_dtype=c.target.index_dtype,
+                             batch=c.target.batch_step)
 
 
 def _lower(c: Compile) -> None:
@@ -324,7 +327,8 @@ def _package(c: Compile) -> None:
         target={"spec": target.spec, "device": target.device, "tvm": str(target.tvm), "cross": target.cross},
         library=c.built.library.name,
         kernels=c.built.info,
-        functions={"prefill": "prefill", "decode": "decode", "create_kv": "create_kv"},
+        functions={"prefill": "prefill", "decode": "decode", "create_kv": "create_kv",
+                   **({"batch": "batch"} if c.captured.batch is not None else {})},
         weights={**stored,
                  "fused": {r.weight: list(r.sources) for r in c.weights if len(r.sources) > 1},
                  "quantized": {r.name: r.quant.as_dict() for r in c.weights if r.quant}},

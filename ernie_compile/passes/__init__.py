@@ -51,6 +51,15 @@ def linear_read(mutator, call) -> LinearRead | None:
     return LinearRead(inner.args[0] if inner is not None else perm.args[0], inner, outer)
 
 
+STEP_FUNCTIONS = ("prefill", "decode", "batch")  # compiler/capture.py; `batch` only where captured
+
+
+def step_functions(mod) -> tuple[str, ...]:
+    """The step functions `mod` holds: the passes rewrite each of them alike."""
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    return tuple(f for f in STEP_FUNCTIONS if f in names)
+
+
 def rewrite_weight_inputs(mod, weights: list, functions, pass_name: str, what: str, replace, rewriter):
     """The driver of a pass that replaces some weight inputs of each step function by new ones.
 
@@ -66,7 +75,7 @@ def rewrite_weight_inputs(mod, weights: list, functions, pass_name: str, what: s
 
     mod = tvm.IRModule(dict(mod.functions_items()))
     new_weights, sites = None, 0
-    for fname in functions:
+    for fname in functions or step_functions(mod):
         func = mod[fname]
         n_in = int(func.attrs["num_input"])
         params, records, replaced = list(func.params[:n_in]), [], {}

@@ -20,14 +20,16 @@ from .kernel_table import KernelTable
 NAME = "lower_linear_to_kernel"
 
 
-def run(mod: tvm.IRModule, make_kernel, functions=("prefill", "decode")) -> tuple[tvm.IRModule, PassReport]:
+def run(mod: tvm.IRModule, make_kernel, functions=None) -> tuple[tvm.IRModule, PassReport]:
     report = PassReport(NAME)
     counts = []
     kernels = KernelTable()
     x_pat, w_pat = wildcard(), wildcard()
     pattern = is_op("relax.matmul")(x_pat, is_op("relax.permute_dims")(w_pat))
     mod = tvm.IRModule(dict(mod.functions_items()))
-    for name in functions:
+    from . import step_functions
+
+    for name in functions or step_functions(mod):
         func = mod[name]
         weights = set(func.params[int(func.attrs["num_input"]):])
         sites = [0]

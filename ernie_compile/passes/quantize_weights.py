@@ -128,7 +128,7 @@ def _part_vars(record: WeightRecord) -> tuple[relax.Var, ...]:
 
 
 def run(mod: tvm.IRModule, weights: list[WeightRecord], policy: QuantPolicy, target,
-        functions=("prefill", "decode")) -> tuple[tvm.IRModule, list[WeightRecord], PassReport]:
+        functions=None) -> tuple[tvm.IRModule, list[WeightRecord], PassReport]:
     """Returns the module, the new weight records (aligned with the step functions' weight inputs),
     and the report: matched = readers rewritten per step function, expected = readers of those
     weights. `target` (targets/base.py) builds the dequantizing kernels and says which layouts they read."""

@@ -83,7 +83,7 @@ class _Rewriter(relax.PyExprMutator):
 
 
 def run(mod: tvm.IRModule, weights: list, limit: int, policy, layouts,
-        functions=("prefill", "decode")) -> tuple[tvm.IRModule, list, PassReport]:
+        functions=None) -> tuple[tvm.IRModule, list, PassReport]:
     """Returns the module, the new weight list and the report (matched = readers rewritten)."""
     report = PassReport(NAME)
 

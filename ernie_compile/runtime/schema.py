@@ -70,10 +70,12 @@ BACKENDS = {
     "tvm": {
         "library": File(".so", ".tar", ".dylib"),
         "target": {"device": OneOf(("cpu", "cuda", "metal"))},
-        "functions": {"prefill": str, "decode": str, "create_kv": str},
+        "functions": {"prefill": str, "decode": str, "create_kv": str, "batch?": str},
         "kernels": {"fatbin?": File(".fatbin"), "source?": File(), "source_sha256?": str, "msl?": File()},
         "weights": {"file": File(".safetensors"), "order": [str]},
         "kv_cache": {"page_size": Int(KV_PAGE_SIZE, KV_PAGE_SIZE)},
+        # read by artifact.check_cpu before the library loads
+        "quantization?": Nullable({"int8_dot?": Nullable(str)}),
     },
     "inductor": {
         "target": {"device": OneOf(("cpu",))},

@@ -116,6 +116,11 @@ class Session:
         # import), the time of 20 decode steps of the 0.3b model.
         gc.freeze()
 
+    @property
+    def engine(self):
+        """The backend's engine (runtime/tvm_engine.py, …): what the server's scheduler drives."""
+        return self._engine
+
     def reset(self) -> None:
         """Start a new sequence with an empty KV cache."""
         self._engine.reset()

@@ -1,6 +1,11 @@
 """The TVM backend's engine: the artifact's library in TVM's VM, and TVM's paged KV cache created by
 the library's own `create_kv` function; this file drives the cache's sequence bookkeeping (add
-sequence, begin/end forward) around each call."""
+sequence, begin/end forward) around each call.
+
+Two ways to use it: `reset` + `step` run one sequence (Session); `open_batch` + `add_sequence` /
+`fork_sequence` / `remove_sequence` + `step_many` run many sequences in one cache (the server,
+ernie_compile/serve/). `step_many` is one call of the compiled `batch` step (a ragged batch) where
+the artifact has one, else one prefill/decode call per sequence."""
 from __future__ import annotations
 
 import contextlib
@@ -145,6 +150,9 @@ class TvmEngine:
         self._kv_add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
         self._kv_begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
         self._kv_end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        self._kv_remove = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
+        self._kv_fork = tvm.get_global_func("vm.builtin.kv_state_fork_sequence")
+        self._batch = self._function(folder, m, "batch") if "batch" in m["functions"] else None
         self._shape = tvm.runtime.ShapeTuple
         self._tensor = lambda a: tvm.runtime.tensor(a, self.device)
         # On the CPU a decode step's inputs are written into tensors made once, and its logits are
@@ -186,4 +194,56 @@ class TvmEngine:
         self._kv_end(self._kv)
         # in place: the array keeps the step's output tensor alive, and the VM allocates a new one per call
         out = np.from_dlpack(logits)[0] if self._host else logits.numpy()[0]
+        return out if out.dtype == np.float32 else out.astype(np.float32)
+
+    # ---- many sequences in one cache (the server) ----
+
+    @property
+    def batches(self) -> bool:
+        """Whether step_many advances every sequence in one call (the artifact has a `batch` step)."""
+        return self._batch is not None
+
+    def open_batch(self, max_sequences: int) -> None:
+        """A new, empty KV cache for up to `max_sequences` sequences of up to max_seq_len tokens each,
+        and at most max_seq_len tokens per step_many call (the scheduler's token budget)."""
+        s = self._shape
+        kv = self.manifest["kv_cache"]
+        n, page = kv["max_seq_len"], kv["page_size"]
+        self._kv = self._create_kv(s([max_sequences]), s([max_sequences * (n + page)]), s([n]), s([page]), s([0]))
+
+    def add_sequence(self, seq_id: int) -> None:
+        self._kv_add(self._kv, seq_id)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        """Drop the sequence; its pages (those no fork still shares) are free at once."""
+        self._kv_remove(self._kv, seq_id)
+
+    def fork_sequence(self, parent: int, child: int, length: int) -> None:
+        """A new sequence `child` holding the first `length` cached tokens of `parent`: their pages
+        are shared (copied on write by the cache), not recomputed."""
+        self._kv_fork(self._kv, parent, child, length)
+
+    def step_many(self, seq_ids: list[int], chunks: list[list[int]], starts: list[int]) -> np.ndarray:
+        """Append chunks[i] to sequence seq_ids[i] at positions starts[i], …; the logits after the
+        last token of each chunk, [len(seq_ids), V] float32."""
+        if self._batch is None:
+            out = []
+            for sid, ids, start in zip(seq_ids, chunks, starts):
+                fn = self._decode if len(ids) == 1 else self._prefill
+                tokens = self._tensor(np.asarray([ids], dtype=np.int64))  # [1, n]
+                positions = self._tensor(np.arange(start, start + len(ids), dtype=np.int64)[None])
+                self._kv_begin(self._kv, self._shape([sid]), self._shape([len(ids)]))
+                logits = fn(tokens, positions, self._kv, *self._weights)
+                self._kv_end(self._kv)
+                out.append(logits.numpy()[0])
+            return np.stack(out).astype(np.float32, copy=False)
+        lengths = [len(c) for c in chunks]
+        tokens = np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])[None]  # [1, T]
+        positions = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in zip(starts, lengths)])[None]
+        rows = np.cumsum(lengths, dtype=np.int64) - 1  # [R]: each sequence's last token
+        self._kv_begin(self._kv, self._shape(seq_ids), self._shape(lengths))
+        logits = self._batch(self._tensor(tokens), self._tensor(positions), self._tensor(rows), self._kv,
+                             *self._weights)
+        self._kv_end(self._kv)
+        out = logits.numpy()  # [R, V]
         return out if out.dtype == np.float32 else out.astype(np.float32)

@@ -48,6 +48,9 @@ class Target(ABC):
     native_ops: frozenset  # fused ops with a kernel of the target's own: "silu_mul", "moe_route"
     tunable: tuple[str, ...]  # kernels with schedule parameters (kernels.TUNABLE, compiler/tuning.py)
     library_name: str
+    # compile the `batch` step (compiler/capture.py: logits at chosen rows of a ragged batch) that the
+    # server's continuous batching runs; without it a server serves one sequence per call
+    batch_step: bool
     cross: bool  # built for another machine than this one (another CPU/OS): the runtime refuses it on a host
 
     @property

@@ -101,6 +101,7 @@ class CudaTarget(Target):
             static_m=True,  # decode (M = 1) gets a GEMV, prefill a GEMM
             int8_dot=None, int8_weight_bits=(), max_binding_bytes=None, native_ops=frozenset(), tunable=(),
             library_name="lib.so",
+            batch_step=False,  # untried on a GPU: its schedules are checked for prefill and decode only
             cross=False, archs=archs)
 
     def runs_here(self) -> bool:

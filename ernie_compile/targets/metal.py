@@ -48,7 +48,7 @@ class MetalTarget(Target):
             scale_dtypes={"float16": "float16", "float32": "float16"}, kernels=gpu_kernels, kv_cache="paged",
             index_dtype="int64", quant_layouts=gpu_kernels.QUANT_LAYOUTS, static_m=True, int8_dot=None,
             int8_weight_bits=(), max_binding_bytes=None, native_ops=frozenset(), tunable=(), library_name="lib.tar",
-            cross=True,  # arm64 Mach-O objects for an app to link; no Apple GPU is attached to this Linux build
+            batch_step=False, cross=True,  # arm64 Mach-O objects for an app to link; no Apple GPU is attached to this Linux build
             os=os)
 
     def runs_here(self) -> bool:

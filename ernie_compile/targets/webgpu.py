@@ -55,7 +55,7 @@ class WebGpuTarget(Target):
             # adapter grants 128 MiB bindings, many (phones, lavapipe) no more
             max_binding_bytes=DEFAULT_BINDING_LIMIT,
             native_ops=frozenset({"moe_route"}),  # no GPU sort it can run: routing by our kernel
-            tunable=(), library_name=PLAN, cross=False, adapter=adapter)
+            tunable=(), library_name=PLAN, batch_step=False, cross=False, adapter=adapter)
 
     def runs_here(self) -> bool:
         from ..runtime.webgpu_engine import adapter_problem

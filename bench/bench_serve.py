@@ -1,0 +1,130 @@
+"""Serving benchmark: aggregate decode tok/s of ernie-serve at 1, 2, 4, 8, 16 concurrent streams,
+with time to first token (TTFT) and inter-token latency (ITL) percentiles.
+
+Starts `ernie-serve ARTIFACT --max-batch <largest concurrency>` on 127.0.0.1, then per concurrency
+level sends that many streaming completions at once (distinct random prompts, so no prefix is shared;
+greedy; ignore_eos so every stream generates --max-tokens). Aggregate decode tok/s = tokens after
+each stream's first / (last token − first stream's first token); TTFT from send to the first token;
+ITL between consecutive tokens of a stream; steady tok/s counts only
+the span in which every stream is decoding (no prefill in the steps). Prints a markdown table; --json FILE writes the rows.
+
+    ernie-compile --model ernie-4.5-0.3b --bits 4 -o /tmp/03b
+    python bench/bench_serve.py /tmp/03b --streams 1 2 4 8 16 --max-tokens 64 --prompt-len 32
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_server(artifact: str, max_batch: int, prefill_chunk: int) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "ernie_compile.serve.cli", artifact, "--port", "0",
+                             "--max-batch", str(max_batch), "--max-queue", str(4 * max_batch),
+                             "--prefill-chunk", str(prefill_chunk)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + 300
+    while True:
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        if line.startswith("listening on http://"):
+            return proc, int(line.rsplit(":", 1)[1])
+
+
+def stream(port: int, prompt: list[int], max_tokens: int, start: threading.Barrier, out: dict) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "ignore_eos": True, "stream_options": {"include_usage": True}})
+    start.wait()
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    times, tokens = [], 0
+    while True:
+        line = resp.readline()
+        if not line:
+            break
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        data = json.loads(line[6:])
+        if data.get("usage"):
+            tokens = data["usage"]["completion_tokens"]
+        elif data["choices"] and data["choices"][0]["text"]:
+            times.append(time.perf_counter())  # a text delta: usually one token (held-back text merges some)
+    conn.close()
+    out.update(t0=t0, times=times, tokens=tokens)
+
+
+def level(port: int, n: int, vocab: int, prompt_len: int, max_tokens: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, prompt_len).tolist() for _ in range(n)]
+    barrier = threading.Barrier(n)
+    results = [{} for _ in range(n)]
+    threads = [threading.Thread(target=stream, args=(port, p, max_tokens, barrier, r))
+               for p, r in zip(prompts, results)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = min(r["times"][0] for r in results)
+    last = max(r["times"][-1] for r in results)
+    decode_tokens = sum(r["tokens"] - 1 for r in results)
+    # steady state: while every stream decodes (after the last first token, before the first last one)
+    lo, hi = max(r["times"][0] for r in results), min(r["times"][-1] for r in results)
+    steady = sum(lo < t <= hi for r in results for t in r["times"])
+    ttft = [r["times"][0] - r["t0"] for r in results]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    pct = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 1)  # noqa: E731
+    return {"streams": n, "decode_tok_s": round(decode_tokens / (last - first), 1),
+            "per_stream_tok_s": round(decode_tokens / (last - first) / n, 1),
+            "steady_tok_s": round(steady / (hi - lo), 1) if hi > lo else None,
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p90": pct(ttft, 90), "ttft_ms_max": pct(ttft, 100),
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p90": pct(itl, 90), "itl_ms_p99": pct(itl, 99)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("artifact")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--prefill-chunk", type=int, default=64)
+    p.add_argument("--reps", type=int, default=1, help="runs per level; the median decode tok/s row is kept")
+    p.add_argument("--json")
+    args = p.parse_args()
+    manifest = json.loads((Path(args.artifact) / "manifest.json").read_text())
+    vocab = min(manifest["vocab_size"], 30000)
+    proc, port = start_server(args.artifact, max(args.streams), args.prefill_chunk)
+    rows = []
+    try:
+        level(port, 1, vocab, args.prompt_len, 8, seed=99)  # warm-up
+        for n in args.streams:
+            runs = [level(port, n, vocab, args.prompt_len, args.max_tokens, seed=n * 100 + r)
+                    for r in range(args.reps)]
+            rows.append(sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2])
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"artifact": args.artifact, "options": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
