@@ -249,7 +249,7 @@ def test_weightless_capture_is_the_real_capture():
     from torch._subclasses.fake_tensor import FakeTensor
 
     small = dict(num_hidden_layers=2, moe_layer_end_index=1, vocab_size=256, hidden_size=32, intermediate_size=48,
-                 moe_intermediate_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=16, moe_num_experts=4)
+                 moe_intermediate_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=16, moe_num_experts=4, moe_k=2)
     real = load("ernie-4.5-21b-a3b", overrides=small).model
     weightless = load("ernie-4.5-21b-a3b", overrides=small, materialize=False).model
     with fake_parameters(weightless):
