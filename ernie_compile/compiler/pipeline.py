@@ -490,18 +490,16 @@ def compile_model(opts: CompileOptions, log=print) -> dict:
     dump = Path(c.opts.dump_ir) if c.opts.dump_ir else None
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
-    if c.opts.plan:
+    if c.opts.plan:  # nothing is written: no staging folder
         _run_phases(backend.phases, c, dump)
         report = {"options": c.opts.as_dict(), "backend": c.opts.backend, "stages": c.seconds, "plan": c.plan}
-        if c.opts.report:
-            Path(c.opts.report).write_text(json.dumps(report, indent=2) + "\n")
-        return report
-    with package.staging(c.opts.output, log) as c.out:
-        _run_phases(backend.phases, c, dump)
-        size = sum(p.stat().st_size for p in c.out.rglob("*") if p.is_file())
-    report = {"output": str(Path(c.opts.output).resolve()), "options": c.opts.as_dict(), "backend": c.opts.backend,
-              "stages": c.seconds, "artifact_bytes": size, **backend.report(c)}
-    log(f"wrote {report['output']} ({size / 2**20:.1f} MiB) in {sum(c.seconds.values()):.1f} s")
+    else:
+        with package.staging(c.opts.output, log) as c.out:
+            _run_phases(backend.phases, c, dump)
+            size = sum(p.stat().st_size for p in c.out.rglob("*") if p.is_file())
+        report = {"output": str(Path(c.opts.output).resolve()), "options": c.opts.as_dict(),
+                  "backend": c.opts.backend, "stages": c.seconds, "artifact_bytes": size, **backend.report(c)}
+        log(f"wrote {report['output']} ({size / 2**20:.1f} MiB) in {sum(c.seconds.values()):.1f} s")
     if c.opts.report:
         Path(c.opts.report).write_text(json.dumps(report, indent=2) + "\n")
     return report
