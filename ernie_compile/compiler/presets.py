@@ -41,6 +41,36 @@ PRESETS: dict[str, dict] = {
                                 moe_num_experts=64, moe_k=8, moe_num_shared_experts=0, moe_layer_start_index=3,
                                 moe_layer_end_index=53, moe_layer_interval=1, moe_norm_min=1e-12,
                                 tie_word_embeddings=False),
+    # The vision-language model: a text MoE with modality-isolated experts (text and vision, each with
+    # its own router) and 3-D RoPE, a ViT vision tower and a resampler. Unset text fields take
+    # transformers' defaults, which are the published VL-28B-A3B's.
+    "ernie-4.5-vl-28b-a3b": dict(
+        model_type="ernie4_5_vl_moe", tie_word_embeddings=True,
+        text_config=dict(_COMMON, vocab_size=103424, hidden_size=2560, intermediate_size=12288,
+                         num_hidden_layers=28, num_attention_heads=20, num_key_value_heads=4, head_dim=128,
+                         moe_intermediate_size=[1536, 512], moe_num_experts=64, moe_k=6, moe_num_shared_experts=2,
+                         moe_norm_min=1e-12, rope_parameters=dict(rope_type="default", rope_theta=500000.0,
+                                                                  mrope_section=[22, 22, 20]),
+                         tie_word_embeddings=True),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=5120, num_heads=16, patch_size=14,
+                           spatial_merge_size=2, temporal_merge_size=2, rms_norm_eps=1e-6),
+        image_token_id=100295, image_start_token_id=101304, image_end_token_id=101305, video_token_id=103367,
+        video_start_token_id=101306, video_end_token_id=101307),
+    # The embedded VL model for tests: layer 0 dense, layer 1 MoE with both expert kinds (4 text experts
+    # of 64, 4 vision experts of 32, top-2, one shared), odd head dims (text 40 with M-RoPE sections
+    # 8/8/4, vision 24). Its image/video tokens are ids 1024-1029, past the shipped tokenizer's 1024.
+    "ernie-vl-tiny": dict(
+        model_type="ernie4_5_vl_moe", tie_word_embeddings=True,
+        text_config=dict(_COMMON, vocab_size=1040, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=40, moe_intermediate_size=[64, 32],
+                         moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_norm_min=1e-12,
+                         mlp_layer_types=["dense", "sparse"], max_position_embeddings=4096, initializer_range=0.06,
+                         rope_parameters=dict(rope_type="default", rope_theta=500000.0, mrope_section=[8, 8, 4]),
+                         tie_word_embeddings=True),
+        vision_config=dict(depth=2, hidden_size=96, intermediate_size=192, num_heads=4, patch_size=14,
+                           spatial_merge_size=2, temporal_merge_size=2, rms_norm_eps=1e-6, initializer_range=0.06),
+        image_token_id=1024, image_start_token_id=1025, image_end_token_id=1026, video_token_id=1027,
+        video_start_token_id=1028, video_end_token_id=1029),
 }
 
 
