@@ -27,8 +27,9 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "added_tokens.json")
 
 # model_type → transformers class name. Known types that we cannot compile yet say so precisely.
-SUPPORTED = {"ernie4_5": "Ernie4_5ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}
-NOT_YET = {"ernie4_5_vl_moe": "the vision-language model is not supported yet"}
+SUPPORTED = {"ernie4_5": "Ernie4_5ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+             "ernie4_5_vl_moe": "Ernie4_5_VLMoeForConditionalGeneration"}
+NOT_YET: dict[str, str] = {}
 
 
 @dataclass
@@ -101,9 +102,14 @@ def preset_config(name: str, overrides: dict | None = None):
         raise UserError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     spec = dict(PRESETS[name])
     for key, value in (overrides or {}).items():
-        if key not in spec and key not in ("moe_num_experts", "moe_k", "moe_num_shared_experts"):
+        fields = spec
+        if "text_config" in spec and key not in spec:  # the VL model: its text model's fields
+            fields = spec["text_config"] = dict(spec["text_config"])
+            if key == "num_hidden_layers" and "mlp_layer_types" in fields:
+                fields["mlp_layer_types"] = (fields["mlp_layer_types"] * int(value))[:int(value)]
+        if key not in fields and key not in ("moe_num_experts", "moe_k", "moe_num_shared_experts"):
             raise UserError(f"--preset-override {key}: not a field of preset {name}")
-        spec[key] = float(value) if isinstance(spec.get(key), float) else value  # 1 for a float field: 1.0
+        fields[key] = float(value) if isinstance(fields.get(key), float) else value  # 1 for a float field: 1.0
     _model_class(spec["model_type"])
     return make_config(f"preset {name}" + (" with --preset-override" if overrides else ""),
                        lambda: transformers.AutoConfig.for_model(**spec))

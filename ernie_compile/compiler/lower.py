@@ -19,7 +19,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 from tvm.relax.frontend.torch import from_exported_program
 
 from ..errors import InternalError
-from ..passes import PassReport
+from ..passes import PassReport, applies_to
 from ..passes.kernel_table import KernelTable
 from ..passes.weight_records import WeightRecord
 # tokens per KV-cache page, baked into the library's kernels; the runtime's schema requires it
@@ -184,7 +184,7 @@ def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: Lowering
     for new_name, (var, parts) in ctx.concats.items():
         weights.append(record(new_name, [param_names[str(p)] for p in parts], var))
         weight_vars.append(var)
-    caches = ctx.cache_params()
+    caches = [v for v in ctx.cache_params() if str(v) in used]  # none in a step without attention (encode_image)
     params = [*f.params[:n_in], *caches, *weight_vars]
     func = relax.Function(params, f.body, f.ret_ty, f.is_pure, f.attrs)
     # The importer attaches a copy of the weights as an attribute; the artifact carries them instead.
@@ -236,27 +236,53 @@ def _input(importer, name: str):
 
 
 def lower(captured: Captured, config, target, passes: list, dtype: str = "float32", max_seq_len: int = 0):
-    """`target` is ours (targets/): its TVM target and the kernels it supplies. Returns (IRModule, pass reports, weights in the order the step functions take them).
-    Each pass must match its expected sites in each step function. `max_seq_len` sizes contiguous
-    KV caches."""
+    """`target` is ours (targets/): its TVM target and the kernels it supplies. Returns (IRModule, pass
+    reports, weights in the order the step functions take them). Each pass must match its expected
+    sites in each step function it applies to (passes.applies_to). Every step function takes the same
+    weights, the union of what the steps read (the VL model's text steps take the vision tower's
+    weights unread): the runtime binds one list. `max_seq_len` sizes contiguous KV caches."""
     rope_modes = {getattr(p, "ROPE_MODE") for p in passes if hasattr(p, "ROPE_MODE")}
     if len(rope_modes) != 1:
         raise InternalError(f"exactly one attention pass must run, got {[p.NAME for p in passes]}")
-    ctx = LoweringContext(target, config, max_seq_len, dtype)
-    mod = tvm.IRModule() if ctx.contiguous else _kv_cache_module(config, dtype, target, rope_modes.pop())
-    step_weights = {}
-    for name in ("prefill", "decode", "batch"):
-        if getattr(captured, name) is None:
-            continue
-        reports = [PassReport(p.NAME, expected=p.expected_sites(config)) for p in passes]
-        mod[name], step_weights[name] = _import_step(getattr(captured, name), name, reports, passes, ctx,
-                                                     captured.param_names)
-        for r in reports:
+    text_config = config.get_text_config()
+    ctx = LoweringContext(target, text_config, max_seq_len, dtype)
+    mod = tvm.IRModule() if ctx.contiguous else _kv_cache_module(text_config, dtype, target, rope_modes.pop())
+    funcs, step_weights, all_reports = {}, {}, {}
+    for name, program in captured.programs().items():
+        reports = [PassReport(p.NAME, expected=p.expected_sites(config) if applies_to(p, name) else 0)
+                   for p in passes]
+        funcs[name], step_weights[name] = _import_step(program, name, reports, passes, ctx, captured.param_names)
+        for p, r in zip(passes, reports):
             try:
                 r.check()
             except InternalError as e:
                 raise InternalError(f"lowering {name}: {e}") from None
-    if any(w != step_weights["decode"] for w in step_weights.values()):
-        raise InternalError(f"the steps {', '.join(step_weights)} take different weights")
+            if not applies_to(p, name) and r.matched:
+                raise InternalError(f"lowering {name}: pass {p.NAME} matched {r.matched} sites in a step it "
+                                    "does not apply to")
+        all_reports[name] = reports
+    union: dict[str, WeightRecord] = {}
+    for weights in step_weights.values():
+        for w in weights:
+            if union.setdefault(w.name, w) != w:
+                raise InternalError(f"the steps take weight {w.name} in different forms")
+    order = list(union.values())
+    for name, func in funcs.items():
+        mod[name] = _take_weights(func, step_weights[name], order)
     ctx.kernels.add_to(mod)
-    return mod, reports, step_weights["decode"]
+    # the report of each pass: that of the first step it applies to, decode's first
+    first = [n for n in ("decode", "prefill_mm", "encode_image", "prefill", "batch") if n in all_reports]
+    reports = [next(all_reports[n][i] for n in first if applies_to(p, n) or n == first[-1])
+               for i, p in enumerate(passes)]
+    return mod, reports, order
+
+
+def _take_weights(func: relax.Function, weights: list[WeightRecord], order: list[WeightRecord]) -> relax.Function:
+    """`func` with its weight parameters in `order`, a fresh unread parameter for each it does not read."""
+    n_in = int(func.attrs["num_input"])
+    mine = {w.name: v for w, v in zip(weights, func.params[n_in:])}
+    if len(mine) != len(weights):
+        raise InternalError(f"{func.attrs['global_symbol']}: weight records and parameters disagree")
+    params = list(func.params[:n_in]) + [mine[w.name] if w.name in mine else
+                                         relax.Var(w.name, relax.TensorType(w.shape, w.dtype)) for w in order]
+    return relax.Function(params, func.body, func.ret_ty, func.is_pure, func.attrs)

@@ -175,8 +175,14 @@ def _check_config(c: Compile) -> None:
 
     config = read_config(c.opts.model, dict(c.opts.preset_overrides))
     if c.opts.max_seq_len is None:
-        c.opts = dataclasses.replace(c.opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings))
+        c.opts = dataclasses.replace(c.opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, config.get_text_config().max_position_embeddings))
     validate.max_seq_len(c.opts.max_seq_len, config)
+    if config.model_type == "ernie4_5_vl_moe":
+        if c.opts.backend != "tvm":
+            raise UserError(f"--backend {c.opts.backend}: the VL model compiles on the tvm backend only")
+        if c.target.kv_cache == "contiguous":
+            raise UserError(f"target {c.target.name}: the VL model's 3-D RoPE attention needs the paged KV cache, "
+                            f"which {c.target.name} does not have (its attention kernels take 1-D positions)")
 
 
 def _versions() -> dict:
@@ -190,7 +196,7 @@ def _versions() -> dict:
 
 def _manifest(c: Compile, backend: str) -> dict:
     """The manifest fields every backend writes; each adds its own entry points and files."""
-    config = c.loaded.model.config
+    config = c.loaded.model.config.get_text_config()  # the VL model's tokens are its text model's
     eos = config.eos_token_id
     eos = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     tokenizer = {"files": package.copy_tokenizer(c.loaded.tokenizer_files, c.out),
@@ -198,9 +204,9 @@ def _manifest(c: Compile, backend: str) -> dict:
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": backend,
-        "model": {"source": c.loaded.source, "model_type": config.model_type,
+        "model": {"source": c.loaded.source, "model_type": c.loaded.model.config.model_type,
                   "num_parameters": sum(p.numel() for p in c.loaded.model.parameters()),
-                  "config": json.loads(config.to_json_string(use_diff=False))},
+                  "config": json.loads(c.loaded.model.config.to_json_string(use_diff=False))},
         "options": c.opts.as_dict(),
         "versions": _versions(),
         "dtype": c.opts.dtype,
@@ -327,8 +333,8 @@ def _package(c: Compile) -> None:
         target={"spec": target.spec, "device": target.device, "tvm": str(target.tvm), "cross": target.cross},
         library=c.built.library.name,
         kernels=c.built.info,
-        functions={"prefill": "prefill", "decode": "decode", "create_kv": "create_kv",
-                   **({"batch": "batch"} if c.captured.batch is not None else {})},
+        functions={"create_kv": "create_kv", **{name: name for name in c.captured.programs()}},
+        vision=_vision(c),
         weights={**stored,
                  "fused": {r.weight: list(r.sources) for r in c.weights if len(r.sources) > 1},
                  "quantized": {r.name: r.quant.as_dict() for r in c.weights if r.quant}},
@@ -337,6 +343,18 @@ def _package(c: Compile) -> None:
         passes={r.name: {"matched": r.matched, "expected": r.expected} for r in c.reports},
         tuning=c.tuner.report() if c.opts.tuning_db else None)
     package.write_manifest(c.out, c.manifest)
+
+
+def _vision(c: Compile) -> dict | None:
+    """The VL model's image settings for the runtime (runtime/vision.py): the checkpoint's processor
+    config (or transformers' defaults for a preset) and the model's image tokens; None for text models."""
+    from ..runtime.vision import VisionSpec
+
+    config = c.loaded.model.config
+    if config.model_type != "ernie4_5_vl_moe":
+        return None
+    folder = Path(c.loaded.source) if Path(c.loaded.source).is_dir() else None
+    return VisionSpec.from_checkpoint(folder, config.to_dict()).to_json()
 
 
 def _quantization(c: Compile) -> dict | None:

@@ -87,7 +87,7 @@ class PresetSource(WeightSource):
     def __init__(self, config, seed: int = 0, model=None):
         super().__init__(model if model is not None else meta_model(config))
         self.seed = seed
-        self._std = float(config.initializer_range)
+        self._std = float(config.get_text_config().initializer_range)
 
     def dtype(self, name: str) -> str:
         return "float32"

@@ -62,6 +62,10 @@ def config(cfg) -> None:
     """What transformers' config class accepts but the model class (or its compile) cannot run."""
     from transformers.activations import ACT2FN
 
+    if cfg.model_type == "ernie4_5_vl_moe":
+        _vl(cfg)
+        cfg = cfg.get_text_config()
+
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads"):
         _at_least(cfg, name, 1)
@@ -81,6 +85,19 @@ def config(cfg) -> None:
             if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.vocab_size):
                 raise UserError(f"config {name} {ids!r}: outside the vocabulary [0, {cfg.vocab_size})")
     rope(cfg)
+    if cfg.model_type == "ernie4_5_vl_moe_text":
+        if any(kind not in ("dense", "sparse") for kind in cfg.mlp_layer_types) or \
+                len(cfg.mlp_layer_types) < cfg.num_hidden_layers:
+            raise UserError(f"config mlp_layer_types {cfg.mlp_layer_types!r}: one of dense/sparse per layer")
+        if "sparse" in cfg.mlp_layer_types:
+            sizes = cfg.moe_intermediate_size
+            if not isinstance(sizes, list) or len(sizes) != 2 or any(not isinstance(i, int) or i < 1 for i in sizes):
+                raise UserError(f"config moe_intermediate_size {sizes!r}: expected [text, vision] positive widths")
+            experts = _at_least(cfg, "moe_num_experts", 1)
+            if _at_least(cfg, "moe_k", 1) > experts:
+                raise UserError(f"config moe_k {cfg.moe_k}: more experts per token than moe_num_experts ({experts})")
+            _at_least(cfg, "moe_num_shared_experts", 0)
+            _finite(cfg.moe_norm_min, "moe_norm_min", lo=0)
     if cfg.model_type == "ernie4_5_moe":
         experts = _at_least(cfg, "moe_num_experts", 1)
         k = _at_least(cfg, "moe_k", 1)
@@ -93,10 +110,35 @@ def config(cfg) -> None:
         _finite(cfg.moe_norm_min, "moe_norm_min", lo=0)
 
 
+def _vl(cfg) -> None:
+    """The VL model's own fields: its special tokens inside the vocabulary, the M-RoPE sections covering
+    the head, a vision tower the compiled encoder can run (one image per call, still images)."""
+    text, vision = cfg.get_text_config(), cfg.vision_config
+    for name in ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
+                 "video_start_token_id", "video_end_token_id"):
+        i = getattr(cfg, name, None)
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (text.vocab_size or 0):
+            raise UserError(f"config {name} {i!r}: outside the vocabulary [0, {text.vocab_size})")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    sections = list((text.rope_parameters or {}).get("mrope_section", [22, 22, 20]))
+    if len(sections) != 3 or sum(sections) * 2 != head_dim or sections[0] != sections[1]:
+        raise UserError(f"config rope_parameters.mrope_section {sections}: three sections (h = w) covering "
+                        f"head_dim {head_dim} / 2")
+    for name in ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size"):
+        _at_least(vision, name, 1)
+    if vision.hidden_size % vision.num_heads or (vision.hidden_size // vision.num_heads) % 4:
+        raise UserError(f"config vision_config: hidden_size {vision.hidden_size} / num_heads {vision.num_heads} "
+                        "must be a multiple of 4 (2-D rotary)")
+    if vision.spatial_merge_size != 2 or vision.temporal_merge_size != 2:
+        raise UserError("config vision_config: spatial_merge_size and temporal_merge_size other than 2 are not "
+                        "supported (transformers' resampler hard-codes 2)")
+
+
 def max_seq_len(value: int, cfg) -> None:
     if not MIN_SEQ_LEN <= value <= MAX_SEQ_LEN:
         raise UserError(f"--max-seq-len {value}: must be in [{MIN_SEQ_LEN}, {MAX_SEQ_LEN}] "
                         "(a prompt token and a new one at least)")
+    cfg = cfg.get_text_config()
     if value > cfg.max_position_embeddings:
         raise UserError(f"--max-seq-len {value} exceeds the model's max_position_embeddings "
                         f"({cfg.max_position_embeddings})")

@@ -105,7 +105,9 @@ def meta_model(config):
     import transformers
     from transformers.initialization import no_init_weights
 
-    cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    from .load import SUPPORTED
+
+    cls = getattr(transformers, SUPPORTED[config.model_type])
     with torch.device("meta"), no_init_weights():
         model = cls(config)
     owners = {name.rpartition(".")[0] for name, _ in model.named_non_persistent_buffers()}

@@ -51,7 +51,21 @@ def linear_read(mutator, call) -> LinearRead | None:
     return LinearRead(inner.args[0] if inner is not None else perm.args[0], inner, outer)
 
 
-STEP_FUNCTIONS = ("prefill", "decode", "batch")  # compiler/capture.py; `batch` only where captured
+# compiler/capture.py; `batch` only where captured; `prefill_mm` (a prompt holding images) and
+# `encode_image` (the vision tower and resampler) only for the VL model
+STEP_FUNCTIONS = ("encode_image", "prefill_mm", "prefill", "batch", "decode")
+TEXT_FUNCTIONS = ("prefill_mm", "prefill", "batch", "decode")  # where a pass applies unless it says (FUNCTIONS)
+
+
+def applies_to(p, function: str) -> bool:
+    """Whether graph pass `p` must match its sites in step function `function`."""
+    return function in getattr(p, "FUNCTIONS", TEXT_FUNCTIONS)
+
+
+def decoder_layers(model):
+    """The decoder layers of a text model (Ernie4_5ForCausalLM, …) or of the VL model's language model."""
+    inner = model.model
+    return getattr(inner, "language_model", inner).layers
 
 
 def step_functions(mod) -> tuple[str, ...]:
@@ -106,7 +120,13 @@ def select_passes(config, fuse_attention: bool = True) -> list:
     expected_sites(config), install(model) (capture side: route transformers' modules through our
     op) and converter(report, ctx) (lower side: our op → Relax). Attention takes exactly one of two
     routes: fused (default), or the plain route kept as the unfused baseline for benchmarks."""
-    from . import fuse_gated_mlp, fuse_gqa_attention, fuse_moe_routing, route_attention_to_kv_cache
+    from . import (fuse_gated_mlp, fuse_gqa_attention, fuse_modality_moe, fuse_moe_routing, merge_still_frames,
+                   place_image_features, route_attention_to_kv_cache, route_vision_attention)
 
-    attention = fuse_gqa_attention if fuse_attention else route_attention_to_kv_cache
-    return [p for p in (attention, fuse_moe_routing, fuse_gated_mlp) if p.expected_sites(config)]
+    if config.model_type == "ernie4_5_vl_moe":
+        # M-RoPE rotates by three position axes the paged cache does not track: RoPE stays in the graph
+        attention = route_attention_to_kv_cache
+    else:
+        attention = fuse_gqa_attention if fuse_attention else route_attention_to_kv_cache
+    return [p for p in (attention, fuse_moe_routing, fuse_modality_moe, fuse_gated_mlp, route_vision_attention,
+                        merge_still_frames, place_image_features) if p.expected_sites(config)]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import PassReport
+from . import PassReport, decoder_layers
 
 NAME = "fuse_gated_mlp"
 OP_NAME = "gated_mlp.default"
@@ -43,7 +43,7 @@ def _(x, wg, wu, layer, act):
 def _dense_mlps(model) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, MLP) of every decoder layer whose MLP is a plain gated one without biases."""
     out = []
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)
         if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")) and \
                 mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
@@ -54,6 +54,8 @@ def _dense_mlps(model) -> list[tuple[int, torch.nn.Module]]:
 def _dense_layers(config) -> int:
     """How many decoder layers of `config` have a dense MLP: transformers' Ernie4_5_MoeDecoderLayer
     makes layer i a MoE block when (i + 1) % moe_layer_interval == 0 and start <= i <= end."""
+    if getattr(config, "mlp_layer_types", None) is not None:  # the VL text model lists them
+        return sum(1 for kind in config.mlp_layer_types if kind == "dense")
     if not getattr(config, "moe_num_experts", 0):
         return config.num_hidden_layers
     start, end, interval = config.moe_layer_start_index, config.moe_layer_end_index, config.moe_layer_interval
@@ -61,6 +63,7 @@ def _dense_layers(config) -> int:
 
 
 def expected_sites(config) -> int:
+    config = config.get_text_config()
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "use_bias", False):
         return 0
     return _dense_layers(config)
@@ -74,7 +77,7 @@ def _fused_forward(mlp, layer: int, act: str):
 
 
 def install(model) -> PassReport:
-    act = model.config.hidden_act
+    act = model.config.get_text_config().hidden_act
     report = PassReport(NAME, expected=expected_sites(model.config))
     for layer, mlp in _dense_mlps(model):
         mlp.forward = _fused_forward(mlp, layer, act)

@@ -78,7 +78,7 @@ def _attention_modules(model):
 
 
 def expected_sites(config) -> int:
-    return config.num_hidden_layers
+    return config.get_text_config().num_hidden_layers
 
 
 def _never_called(module, *args, **kwargs):

@@ -86,65 +86,70 @@ def install(model) -> PassReport:
     return report
 
 
-def converter(report: PassReport, ctx):
-    """A `custom_convert_map` entry: `ernie.moe` → routing ops + two grouped GEMMs (Relax)."""
+def emit_moe(bb, ctx, x, gate_w, bias, gate_up, down, top_k: int, norm_min: float):
+    """Relax for one routed MoE (no shared experts): x [T, H] → [T, H]; the chosen experts alone run."""
     from tvm import relax
 
-    def convert(node, importer):
-        bb = importer.block_builder
-        op = relax.op
-        x, gate_w, bias, gate_up, down = (importer.env[a] for a in node.args[:5])
-        top_k, norm_min = int(node.args[5]), float(node.args[6])
-        t = x.ty.shape[0]
-        num_experts, two_i, h = (int(d) for d in gate_up.ty.shape)
-        inter = two_i // 2
-        dtype = x.ty.dtype
-        idx = ctx.index_dtype  # of expert ids and row orders: int32 where the target has no int64
-        emit = bb.emit
-        # routing, fp32
-        probs = emit(op.nn.softmax(op.matmul(op.astype(x, "float32"), op.permute_dims(gate_w)), axis=-1))  # [T, E]
-        group_gemm = ctx.target_kernels.group_gemm
-        f_up = ctx.kernel(f"moe_group_gemm_{num_experts}x{two_i}x{h}_{dtype}_{idx}",
-                          lambda: group_gemm(num_experts, two_i, h, dtype, index_dtype=idx))
-        f_down = ctx.kernel(f"moe_group_gemm_{num_experts}x{h}x{inter}_{dtype}_{idx}",
-                            lambda: group_gemm(num_experts, h, inter, dtype, index_dtype=idx))
-        m = t * top_k
+    op = relax.op
+    t = x.ty.shape[0]
+    num_experts, two_i, h = (int(d) for d in gate_up.ty.shape)
+    inter = two_i // 2
+    dtype = x.ty.dtype
+    idx = ctx.index_dtype  # of expert ids and row orders: int32 where the target has no int64
+    emit = bb.emit
+    # routing, fp32
+    probs = emit(op.nn.softmax(op.matmul(op.astype(x, "float32"), op.permute_dims(gate_w)), axis=-1))  # [T, E]
+    group_gemm = ctx.target_kernels.group_gemm
+    f_up = ctx.kernel(f"moe_group_gemm_{num_experts}x{two_i}x{h}_{dtype}_{idx}",
+                      lambda: group_gemm(num_experts, two_i, h, dtype, index_dtype=idx))
+    f_down = ctx.kernel(f"moe_group_gemm_{num_experts}x{h}x{inter}_{dtype}_{idx}",
+                        lambda: group_gemm(num_experts, h, inter, dtype, index_dtype=idx))
+    m = t * top_k
 
-        def experts(rows, indptr, expert_ids):  # [M, H] rows, each through its expert's SwiGLU MLP
-            gu = emit(relax.call_tir(f_up, [rows, indptr, expert_ids, gate_up], relax.TensorType((m, two_i), dtype)))
-            halves = emit(op.split(gu, 2, axis=1))
-            act = emit(op.multiply(op.nn.silu(relax.TupleGetItem(halves, 0)), relax.TupleGetItem(halves, 1)))  # [M, I]
-            return emit(relax.call_tir(f_down, [act, indptr, expert_ids, down], relax.TensorType((m, h), dtype)))
+    def experts(rows, indptr, expert_ids):  # [M, H] rows, each through its expert's SwiGLU MLP
+        gu = emit(relax.call_tir(f_up, [rows, indptr, expert_ids, gate_up], relax.TensorType((m, two_i), dtype)))
+        halves = emit(op.split(gu, 2, axis=1))
+        act = emit(op.multiply(op.nn.silu(relax.TupleGetItem(halves, 0)), relax.TupleGetItem(halves, 1)))  # [M, I]
+        return emit(relax.call_tir(f_down, [act, indptr, expert_ids, down], relax.TensorType((m, h), dtype)))
 
-        report.matched += 1
-        if "moe_route" in ctx.target.native_ops:  # no sort on the target (WebGPU): see its kernel
-            route = ctx.target_kernels.moe_route
-            f_route = ctx.kernel(f"moe_route_{num_experts}x{top_k}_n{norm_min:g}_{idx}".replace("-", "m").replace(".", "p"),
-                                 lambda: route(num_experts, top_k, norm_min, idx))
-            routed = emit(relax.call_tir(f_route, [probs, bias], [relax.TensorType((t, top_k), idx),
-                                                                  relax.TensorType((t, top_k), "float32")]))
-            flat = emit(op.reshape(relax.TupleGetItem(routed, 0), [m]))  # [M] expert of (token, slot)
-            rows = emit(op.take(x, op.floor_divide(op.arange(0, m, dtype=idx), relax.const(top_k, idx)), axis=0))
-            unused = relax.const(np.zeros(num_experts + 1, idx))  # indptr: only the CPU kernels read it
-            y = experts(rows, unused, flat)
-            y = emit(op.multiply(y, op.expand_dims(op.astype(op.reshape(relax.TupleGetItem(routed, 1), [m]), dtype), 1)))
-            return emit(op.sum(op.reshape(y, [t, top_k, h]), axis=1))  # [T, H]
-        chosen = emit(op.topk(op.add(probs, op.reshape(bias, [num_experts])), top_k, axis=-1,
-                              ret_type="indices", dtype=idx))  # [T, k]
-        weights = emit(op.gather_elements(probs, chosen, axis=1))
-        weights = emit(op.divide(weights, op.maximum(op.sum(weights, axis=-1, keepdims=True),
-                                                     relax.const(norm_min, "float32"))))  # [T, k]
-        # sort the T·k (token, expert) pairs by expert
-        flat = emit(op.reshape(chosen, [m]))
-        order = emit(op.argsort(flat, dtype=idx))  # [M]
-        sorted_e = emit(op.take(flat, order))
-        rows = emit(op.take(x, op.floor_divide(order, relax.const(top_k, idx)), axis=0))  # [M, H]
-        bounds = op.arange(0, num_experts + 1, dtype=idx)
-        indptr = emit(op.sum(op.astype(op.less(op.expand_dims(sorted_e, 0), op.expand_dims(bounds, 1)), idx),
-                             axis=1))  # [E+1]: rows before expert e
-        y = experts(rows, indptr, sorted_e)
-        y = emit(op.multiply(y, op.expand_dims(op.astype(op.take(op.reshape(weights, [m]), order), dtype), 1)))
-        y = emit(op.take(y, op.argsort(order, dtype=idx), axis=0))  # back to (token, slot) order
+    if "moe_route" in ctx.target.native_ops:  # no sort on the target (WebGPU): see its kernel
+        route = ctx.target_kernels.moe_route
+        f_route = ctx.kernel(f"moe_route_{num_experts}x{top_k}_n{norm_min:g}_{idx}".replace("-", "m").replace(".", "p"),
+                             lambda: route(num_experts, top_k, norm_min, idx))
+        routed = emit(relax.call_tir(f_route, [probs, bias], [relax.TensorType((t, top_k), idx),
+                                                              relax.TensorType((t, top_k), "float32")]))
+        flat = emit(op.reshape(relax.TupleGetItem(routed, 0), [m]))  # [M] expert of (token, slot)
+        rows = emit(op.take(x, op.floor_divide(op.arange(0, m, dtype=idx), relax.const(top_k, idx)), axis=0))
+        unused = relax.const(np.zeros(num_experts + 1, idx))  # indptr: only the CPU kernels read it
+        y = experts(rows, unused, flat)
+        y = emit(op.multiply(y, op.expand_dims(op.astype(op.reshape(relax.TupleGetItem(routed, 1), [m]), dtype), 1)))
         return emit(op.sum(op.reshape(y, [t, top_k, h]), axis=1))  # [T, H]
+    chosen = emit(op.topk(op.add(probs, op.reshape(bias, [num_experts])), top_k, axis=-1,
+                          ret_type="indices", dtype=idx))  # [T, k]
+    weights = emit(op.gather_elements(probs, chosen, axis=1))
+    weights = emit(op.divide(weights, op.maximum(op.sum(weights, axis=-1, keepdims=True),
+                                                 relax.const(norm_min, "float32"))))  # [T, k]
+    # sort the T·k (token, expert) pairs by expert
+    flat = emit(op.reshape(chosen, [m]))
+    order = emit(op.argsort(flat, dtype=idx))  # [M]
+    sorted_e = emit(op.take(flat, order))
+    rows = emit(op.take(x, op.floor_divide(order, relax.const(top_k, idx)), axis=0))  # [M, H]
+    bounds = op.arange(0, num_experts + 1, dtype=idx)
+    indptr = emit(op.sum(op.astype(op.less(op.expand_dims(sorted_e, 0), op.expand_dims(bounds, 1)), idx),
+                         axis=1))  # [E+1]: rows before expert e
+    y = experts(rows, indptr, sorted_e)
+    y = emit(op.multiply(y, op.expand_dims(op.astype(op.take(op.reshape(weights, [m]), order), dtype), 1)))
+    y = emit(op.take(y, op.argsort(order, dtype=idx), axis=0))  # back to (token, slot) order
+    return emit(op.sum(op.reshape(y, [t, top_k, h]), axis=1))  # [T, H]
+
+
+def converter(report: PassReport, ctx):
+    """A `custom_convert_map` entry: `ernie.moe` → routing ops + two grouped GEMMs (Relax)."""
+
+    def convert(node, importer):
+        x, gate_w, bias, gate_up, down = (importer.env[a] for a in node.args[:5])
+        report.matched += 1
+        return emit_moe(importer.block_builder, ctx, x, gate_w, bias, gate_up, down, int(node.args[5]),
+                        float(node.args[6]))
 
     return convert

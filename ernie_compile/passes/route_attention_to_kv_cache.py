@@ -52,7 +52,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 
 def expected_sites(config) -> int:
-    return config.num_hidden_layers
+    return config.get_text_config().num_hidden_layers
 
 
 def install(model) -> PassReport:

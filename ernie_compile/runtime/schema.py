@@ -70,7 +70,10 @@ BACKENDS = {
     "tvm": {
         "library": File(".so", ".tar", ".dylib"),
         "target": {"device": OneOf(("cpu", "cuda", "metal"))},
-        "functions": {"prefill": str, "decode": str, "create_kv": str, "batch?": str},
+        "functions": {"prefill": str, "decode": str, "create_kv": str, "batch?": str, "prefill_mm?": str,
+                      "encode_image?": str},
+        # the VL model's image settings (runtime/vision.py checks the rest)
+        "vision?": Nullable({"image_token_id": Int(0, MAX_VOCAB), "merge_size": Int(1, 8)}),
         "kernels": {"fatbin?": File(".fatbin"), "source?": File(), "source_sha256?": str, "msl?": File()},
         "weights": {"file": File(".safetensors"), "order": [str]},
         "kv_cache": {"page_size": Int(KV_PAGE_SIZE, KV_PAGE_SIZE)},

@@ -110,6 +110,7 @@ class Session:
         self.eos_token_ids = {i for i in m["tokenizer"]["eos_token_ids"] if i is not None}
         self.vocab_size = m["vocab_size"]
         self.tokenizer = Tokenizer(self.folder, m["tokenizer"])
+        self.vision = m.get("vision")  # the VL model's image settings (runtime/vision.py), else None
         self.reset()
         # Everything loaded so far lives as long as the session: out of the collector's sight, a full
         # collection during generation takes ~0.2 ms instead of ~120 ms (230,000 objects after TVM's
@@ -125,6 +126,7 @@ class Session:
         """Start a new sequence with an empty KV cache."""
         self._engine.reset()
         self.length = 0
+        self.rope_delta = 0  # the VL model's: positions after an image run this far from the cache slots
 
     def forward(self, ids: list[int]) -> np.ndarray:
         """Append `ids` to the sequence; return the logits after its last token, [V] float32."""
@@ -137,14 +139,46 @@ class Session:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        logits = self._engine.step(ids, self.length)
+        logits = self._engine.step(ids, self.length, self.rope_delta) if self.rope_delta else \
+            self._engine.step(ids, self.length)
         self.length += n
         return logits
 
+    def forward_images(self, ids: list[int], images: list) -> np.ndarray:
+        """A prompt holding images into an empty sequence: `images` are (patches [N, C·p²], grid (t, h, w))
+        of runtime/vision.py's preprocess, in prompt order; ids hold each one's placeholder tokens.
+        Returns the logits after the last token; decoding then continues at the prompt's rope delta."""
+        from . import vision
+
+        if not self.vision:
+            raise UserError(f"{self.folder}: this artifact has no image encoder (compiled from a text-only "
+                            "model); drop --image")
+        spec = vision.VisionSpec.from_json(self.vision)
+        if self.length:
+            raise UserError("images go in a sequence's first prompt")
+        check_prompt(ids, self.max_seq_len)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        merge2 = spec.merge_size ** 2
+        grids = [tuple(int(g) for g in grid) for _, grid in images]
+        placeholders = sum(1 for i in ids if i == spec.image_token_id)
+        wanted = sum(vision.image_token_count(g, spec.merge_size) for g in grids)
+        if placeholders != wanted:
+            raise UserError(f"the prompt holds {placeholders} image placeholder tokens, its images need {wanted}")
+        features = np.concatenate([self._engine.encode_image(patches, vision.vision_positions(grid, spec.merge_size),
+                                                             merge2)
+                                   for (patches, _), grid in zip(images, grids)])  # [F, H]
+        positions, delta = vision.rope_positions(ids, grids, spec)
+        logits = self._engine.step_images(list(ids), positions, vision.moe_token_types(ids, spec), features)
+        self.length, self.rope_delta = len(ids), int(delta)
+        return logits
+
     def generate(self, prompt: list[int], max_new_tokens: int, sampler: Sampler = Sampler(),
-                 stop_at_eos: bool = True, on_token=None) -> GenerationResult:
+                 stop_at_eos: bool = True, on_token=None, images: list | None = None) -> GenerationResult:
         """Up to max_new_tokens after `prompt`; stops early at an end-of-sequence token (stop_at_eos)
-        or when prompt + new tokens fill the context, and says which in `finish_reason`."""
+        or when prompt + new tokens fill the context, and says which in `finish_reason`. `images`:
+        see forward_images (the VL model)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
         check_prompt(prompt, self.max_seq_len)
@@ -152,7 +186,7 @@ class Session:
         pick = sampler.make()
         result = GenerationResult(prompt_tokens=len(prompt))
         t = time.perf_counter()
-        logits = self.forward(list(prompt))
+        logits = self.forward_images(list(prompt), images) if images else self.forward(list(prompt))
         result.prefill_seconds = time.perf_counter() - t
         t = time.perf_counter()
         while True:

@@ -153,6 +153,9 @@ class TvmEngine:
         self._kv_remove = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
         self._kv_fork = tvm.get_global_func("vm.builtin.kv_state_fork_sequence")
         self._batch = self._function(folder, m, "batch") if "batch" in m["functions"] else None
+        # the VL model's image encoder and mixed prefill (compiler/capture.py)
+        self._encode, self._prefill_mm = (self._function(folder, m, k) if k in m["functions"] else None
+                                          for k in ("encode_image", "prefill_mm"))
         self._shape = tvm.runtime.ShapeTuple
         self._tensor = lambda a: tvm.runtime.tensor(a, self.device)
         # On the CPU a decode step's inputs are written into tensors made once, and its logits are
@@ -179,21 +182,50 @@ class TvmEngine:
         self._kv = self._create_kv(s([1]), s([kv["max_seq_len"]]), s([kv["max_seq_len"]]), s([kv["page_size"]]), s([0]))
         self._kv_add(self._kv, 0)
 
-    def step(self, ids: list[int], start: int) -> np.ndarray:
-        """Run `ids` at positions start, start+1, …; the logits after the last one, [V] float32."""
+    def step(self, ids: list[int], start: int, offset: int = 0) -> np.ndarray:
+        """Run `ids` at cache slots start, start+1, …, RoPE positions `offset` further on (the VL model's
+        rope delta after an image); the logits after the last one, [V] float32."""
         n = len(ids)
         fn = self._decode if n == 1 else self._prefill
         if n == 1 and self._host:
-            self._decode_ids_np[0, 0], self._decode_pos_np[0, 0] = ids[0], start
+            self._decode_ids_np[0, 0], self._decode_pos_np[0, 0] = ids[0], start + offset
             tokens, positions = self._decode_ids, self._decode_pos
         else:
             tokens = self._tensor(np.asarray([ids], dtype=np.int64))  # [1, n]
-            positions = self._tensor(np.arange(start, start + n, dtype=np.int64)[None])  # [1, n]
+            positions = self._tensor(np.arange(start + offset, start + offset + n, dtype=np.int64)[None])  # [1, n]
         self._kv_begin(self._kv, self._shape([0]), self._shape([n]))
         logits = fn(tokens, positions, self._kv, *self._weights)
         self._kv_end(self._kv)
         # in place: the array keeps the step's output tensor alive, and the VM allocates a new one per call
         out = np.from_dlpack(logits)[0] if self._host else logits.numpy()[0]
+        return out if out.dtype == np.float32 else out.astype(np.float32)
+
+    # ---- images (the VL model) ----
+
+    @property
+    def sees_images(self) -> bool:
+        return self._encode is not None
+
+    def encode_image(self, patches: np.ndarray, positions: np.ndarray, merge2: int) -> np.ndarray:
+        """One image's patches [N, C·p²] and their (h, w) positions [N, 2] → its features [N / merge², H]."""
+        dtype = self.manifest["dtype"]
+        m = patches.shape[0] // merge2
+        out = self._encode(self._tensor(np.ascontiguousarray(patches.reshape(m, merge2, -1), dtype=dtype)),
+                           self._tensor(np.ascontiguousarray(positions.reshape(m, merge2, 2), dtype=np.int64)),
+                           *self._weights)
+        return out.numpy()
+
+    def step_images(self, ids: list[int], positions: np.ndarray, types: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """A prompt holding images, into an empty sequence: ids [T], 3-D positions [3, T], modalities
+        [T], the features of its placeholder tokens in order [F, H] → logits after the last token."""
+        n = len(ids)
+        self._kv_begin(self._kv, self._shape([0]), self._shape([n]))
+        logits = self._prefill_mm(self._tensor(np.asarray([ids], dtype=np.int64)),
+                                  self._tensor(np.ascontiguousarray(positions.reshape(3, 1, n), dtype=np.int64)),
+                                  self._tensor(np.asarray(types, dtype=np.int64)[None]),
+                                  self._tensor(features), self._kv, *self._weights)
+        self._kv_end(self._kv)
+        out = logits.numpy()[0]
         return out if out.dtype == np.float32 else out.astype(np.float32)
 
     # ---- many sequences in one cache (the server) ----
