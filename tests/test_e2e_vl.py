@@ -1,0 +1,168 @@
+"""The VL model (Ernie4_5_VLMoeForConditionalGeneration) through the whole pipeline, against transformers
+eager on the same weights: image features, text-only and image+text prompts (greedy tokens)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rel_error
+from ernie_compile.compiler.options import CompileOptions
+from ernie_compile.compiler.pipeline import compile_model
+from ernie_compile.runtime import Session, vision
+from vl_folder import make_vl_folder
+
+REL_TOL = 1e-4  # fp32; relative to max|x| of the reference
+GRIDS = [(1, 4, 6), (1, 6, 4), (1, 2, 2)]  # patches of three image shapes (h, w in patches)
+
+
+@pytest.fixture(scope="module")
+def vl_folder(tmp_path_factory):
+    return make_vl_folder(tmp_path_factory.mktemp("vl-ckpt"))
+
+
+@pytest.fixture(scope="module")
+def reference(vl_folder):
+    import transformers
+
+    return transformers.Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(vl_folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def compiled(vl_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vl-art")
+    report = compile_model(CompileOptions(output=out, model=str(vl_folder), max_seq_len=256), log=lambda *_: None)
+    return out, report
+
+
+def _patches(grid, seed):
+    """Random normalised patches of one image [t·h·w, C·14·14], as the processor's output holds them."""
+    t, h, w = grid
+    return np.random.default_rng(seed).standard_normal((t * h * w, 3 * 14 * 14)).astype(np.float32)
+
+
+def _prompt(images, spec, text=(17, 300, 5)):
+    """ids: a few text tokens, each image's start / placeholders / end, more text."""
+    ids = [5, 99]
+    for grid in images:
+        ids += [spec.image_start_token_id] + [spec.image_token_id] * vision.image_token_count(grid, spec.merge_size) \
+            + [spec.image_end_token_id]
+    return ids + list(text)
+
+
+def _eager_generate(model, ids, images, n):
+    pixel = torch.from_numpy(np.concatenate([p for p, _ in images]))
+    grid = torch.tensor([list(g) for _, g in images])
+    idt = torch.tensor([ids])
+    image_id = model.config.image_token_id
+    bounds = (model.config.image_start_token_id, model.config.image_end_token_id)
+    mm = (idt == image_id).long()
+    moe = (mm.bool() | (idt == bounds[0]) | (idt == bounds[1])).long()
+    with torch.no_grad():
+        out = model.generate(input_ids=idt, pixel_values=pixel, image_grid_thw=grid, mm_token_type_ids=mm,
+                             moe_mm_token_type_ids=moe, max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def test_every_vl_pass_matches(compiled, reference):
+    _, report = compiled
+    text = reference.config.text_config
+    sparse = sum(kind == "sparse" for kind in text.mlp_layer_types)
+    passes = report["passes"]
+    assert passes["fuse_modality_moe"] == {"matched": sparse, "expected": sparse} and sparse > 0
+    assert passes["route_vision_attention"]["matched"] == reference.config.vision_config.depth
+    assert passes["route_attention_to_kv_cache"]["matched"] == text.num_hidden_layers
+    assert passes["merge_still_frames"]["matched"] == passes["place_image_features"]["matched"] == 1
+
+
+def test_decode_reads_no_vision_weight(vl_folder):
+    """The text steps hold no vision expert and no vision tower: they take those weights unread."""
+    from tvm import relax
+
+    from ernie_compile.compiler.capture import capture
+    from ernie_compile.compiler.load import load
+    from ernie_compile.compiler.lower import lower
+    from ernie_compile.compiler.weights import fake_parameters
+    from ernie_compile.passes import select_passes
+    from ernie_compile.targets import get_target
+
+    model = load(str(vl_folder), materialize=False).model
+    passes = select_passes(model.config)
+    with fake_parameters(model):
+        captured = capture(model, 64, passes)
+    mod, _, weights = lower(captured, model.config, get_target("cpu"), passes)
+
+    def read(name):
+        f = mod[name]
+        used = {str(v) for v in relax.analysis.free_vars(f.body)}
+        return {w.name for w, v in zip(weights, f.params[int(f.attrs["num_input"]):]) if str(v) in used}
+
+    vision_weights = {w.name for w in weights if "vision" in w.name or "resampler" in w.name}
+    assert any("vision_moe" in n for n in vision_weights) and any("vision_tower" in n for n in vision_weights)
+    for step in ("decode", "prefill"):
+        assert not read(step) & vision_weights, step
+    assert {n for n in read("prefill_mm") if "vision_moe" in n}
+    assert not {n for n in read("encode_image") if "language_model" in n}
+
+
+@pytest.mark.parametrize("grid", GRIDS[:2])
+def test_image_features_match_eager(compiled, reference, grid):
+    out, _ = compiled
+    session = Session(out)
+    spec = vision.VisionSpec.from_json(session.vision)
+    patches = _patches(grid, 1)
+    got = session.engine.encode_image(patches, vision.vision_positions(grid, spec.merge_size), spec.merge_size ** 2)
+    with torch.no_grad():
+        want = reference.model.get_image_features(torch.from_numpy(patches), torch.tensor([grid])).pooler_output[0]
+    assert got.shape == tuple(want.shape) and rel_error(got, want) <= REL_TOL
+
+
+def test_text_prompt_greedy_identical(compiled, reference):
+    out, _ = compiled
+    ids = [5, 17, 300, 981, 42, 7]
+    with torch.no_grad():
+        want = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    assert Session(out).generate(ids, 16, stop_at_eos=False).tokens == want
+
+
+@pytest.mark.parametrize("grids", [GRIDS[:1], GRIDS[1:2], GRIDS[:2]], ids=["4x6", "6x4", "two-images"])
+def test_image_prompt_greedy_identical(compiled, reference, grids):
+    out, _ = compiled
+    session = Session(out)
+    spec = vision.VisionSpec.from_json(session.vision)
+    images = [(_patches(g, i + 3), g) for i, g in enumerate(grids)]
+    ids = _prompt(grids, spec)
+    want = _eager_generate(reference, ids, images, 12)
+    got = session.generate(ids, 12, stop_at_eos=False, images=images)
+    assert got.tokens == want
+    assert session.rope_delta < 0  # decoding really ran at positions behind the cache slots
+
+
+def test_image_prefill_logits_match_eager(compiled, reference):
+    out, _ = compiled
+    session = Session(out)
+    spec = vision.VisionSpec.from_json(session.vision)
+    grid = GRIDS[0]
+    images = [(_patches(grid, 7), grid)]
+    ids = _prompt([grid], spec)
+    logits = session.forward_images(ids, images)
+    idt = torch.tensor([ids])
+    mm = (idt == spec.image_token_id).long()
+    moe = (mm.bool() | (idt == spec.image_start_token_id) | (idt == spec.image_end_token_id)).long()
+    with torch.no_grad():
+        want = reference(input_ids=idt, pixel_values=torch.from_numpy(images[0][0]), image_grid_thw=torch.tensor([grid]),
+                         mm_token_type_ids=mm, moe_mm_token_type_ids=moe).logits[0, -1]
+    assert rel_error(logits, want) <= REL_TOL
+
+
+def test_placeholder_count_must_match_images(compiled):
+    from ernie_compile.errors import UserError
+
+    out, _ = compiled
+    session = Session(out)
+    spec = vision.VisionSpec.from_json(session.vision)
+    grid = GRIDS[0]
+    ids = _prompt([grid], spec)
+    ids.remove(spec.image_token_id)  # one placeholder short
+    with pytest.raises(UserError, match="placeholder"):
+        session.forward_images(ids, [(_patches(grid, 0), grid)])
