@@ -72,22 +72,22 @@ class VisionSpec:
         return d
 
     @classmethod
-    def from_json(cls, data: dict) -> VisionSpec:
+    def from_json(cls, data: dict, where: str = "manifest vision") -> VisionSpec:
         """A spec from a manifest, which may have been edited: each field is type-checked."""
         if not isinstance(data, dict):
-            raise UserError("manifest vision: not an object")
+            raise UserError(f"{where}: not an object")
         values = {}
         for f in fields(cls):
             if f.name not in data:
                 if f.name == "image_token":
                     continue
-                raise UserError(f"manifest vision: missing {f.name!r}")
+                raise UserError(f"{where}: missing {f.name!r}")
             v = data[f.name]
             kind = {"int": int, "bool": bool, "float": (int, float), "str": str}.get(str(f.type), list)
             ok = (isinstance(v, kind) and not (kind is int and isinstance(v, bool))) if kind is not list else (
                 isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v))
             if not ok or (kind is int and v < (0 if f.name.endswith("_id") else 1)):
-                raise UserError(f"manifest vision: {f.name!r} is {v!r}, not a valid {f.type}")
+                raise UserError(f"{where}: {f.name!r} is {v!r}, not a valid {f.type}")
             values[f.name] = tuple(float(x) for x in v) if kind is list else v
         return cls(**values)
 
@@ -110,8 +110,9 @@ class VisionSpec:
         spec["min_pixels"], spec["max_pixels"] = size["shortest_edge"], size["longest_edge"]
         for key in ("image_mean", "image_std"):  # a single number applies to every channel
             v = spec[key]
-            spec[key] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * 3
-        vision = config.get("vision_config") or {}
+            spec[key] = list(v) if isinstance(v, (list, tuple)) else [v] * 3 if isinstance(v, (int, float)) else v
+        vision = config.get("vision_config")
+        vision = vision if isinstance(vision, dict) else {}
         for ours, theirs, default in (("merge_size", "spatial_merge_size", 2), ("patch_size", "patch_size", 14)):
             if vision.get(theirs, default) != spec[ours]:
                 raise UserError(f"{folder}: image processor {ours} {spec[ours]} but the vision tower's {theirs} "
@@ -119,7 +120,7 @@ class VisionSpec:
         spec.update({k: config.get(k, v) for k, v in TOKEN_ID_DEFAULTS.items()})
         token = _read_json(folder / "tokenizer_config.json").get("image_token", IMAGE_TOKEN)
         spec["image_token"] = token.get("content") if isinstance(token, dict) else token  # AddedToken form
-        return cls.from_json(cls(**spec).to_json())  # one place checks the types
+        return cls.from_json(spec, where=f"{folder}: vision settings")  # one place checks the types
 
 
 def _read_json(path: Path) -> dict:
@@ -144,6 +145,8 @@ def load_image(path) -> "PIL.Image.Image":
             return ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, not an image file") from None
     except UnidentifiedImageError:
         raise UserError(f"{path}: not a {'/'.join(IMAGE_FORMATS)} image") from None
     except Image.DecompressionBombError as e:
@@ -250,8 +253,11 @@ def rope_positions(ids, grids, spec: VisionSpec, merge: int | None = None) -> tu
     after the prompt has position i + delta on every axis (what generation adds at decode)."""
     merge = spec.merge_size if merge is None else merge
     types = mm_token_types(ids, spec)  # [T]
-    grids = iter(grids)
+    if not len(types):
+        raise UserError("empty prompt")
+    grids = [tuple(int(v) for v in g) for g in grids]
     parts, start, n_used = [], 0, 0
+    # runs of equal type, as get_rope_index groups them (start/end tokens keep two images apart)
     for kind, run in itertools.groupby(types.tolist()):
         n = len(list(run))
         if kind == 0:
@@ -260,18 +266,17 @@ def rope_positions(ids, grids, spec: VisionSpec, merge: int | None = None) -> tu
             continue
         if kind != 1:
             raise UserError("video input is not supported")
-        grid = next(grids, None)
-        if grid is None:
-            raise UserError(f"the prompt has more image placeholder runs than the {n_used} images given")
-        t, h, w = (int(v) // d for v, d in zip(grid, (1, merge, merge)))
+        if n_used == len(grids):
+            raise UserError(f"the prompt has more image placeholder runs than the {len(grids)} images given")
+        t, h, w = grids[n_used][0], grids[n_used][1] // merge, grids[n_used][2] // merge
         if t * h * w != n:
             raise UserError(f"image {n_used + 1}: {n} placeholder tokens in the prompt, {t * h * w} for its grid")
         tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")  # [t, h, w] each
         parts.append(np.stack([tt, hh, ww]).reshape(3, -1) + start)  # [3, t*h*w]
         start += max(h, w)
         n_used += 1
-    if next(grids, None) is not None:
-        raise UserError(f"{n_used} image placeholder runs in the prompt but more images given")
+    if n_used != len(grids):
+        raise UserError(f"{n_used} image placeholder runs in the prompt for {len(grids)} images")
     positions = np.concatenate(parts, axis=1).astype(np.int64)  # [3, T]
     return positions, int(positions.max()) + 1 - len(types)
 
@@ -285,7 +290,8 @@ def build_prompt_ids(encode, render, grids, text: str, spec: VisionSpec) -> list
     rendered = render([{"role": "user", "content": content}])
     pieces = rendered.split(spec.image_token)
     if len(pieces) - 1 != len(grids):
-        raise UserError(f"the chat template placed {len(pieces) - 1} image placeholders for {len(grids)} images")
+        raise UserError(f"{len(pieces) - 1} image placeholders in the rendered prompt (the template's and any in "
+                        f"the text) for {len(grids)} images")
     counts = [image_token_count(g, spec.merge_size) for g in grids]
     ids = list(encode(pieces[0] + "".join(spec.image_token * n + s for n, s in zip(counts, pieces[1:]))))
     if ids.count(spec.image_token_id) != sum(counts):
