@@ -147,35 +147,48 @@ def _message_text(m, i: int) -> tuple[str, str]:
 
 
 class ChatFormat:
-    """The artifact's chat template (tokenizer_config.json "chat_template", rendered by jinja2 in a
-    sandbox as transformers does) if its tokenizer files carry one, else FALLBACK_TEMPLATE."""
+    """The artifact's chat template (tokenizer_config.json "chat_template", or chat_template.jinja
+    where transformers 5 saves it; rendered by jinja2 in a sandbox as transformers does) if its
+    tokenizer files carry one, else FALLBACK_TEMPLATE."""
 
     def __init__(self, folder: Path, tokenizer_info: dict):
         self.template = None
         self.bos_token_id = tokenizer_info.get("bos_token_id")
         self.special = {}
-        config = folder / "tokenizer_config.json"
-        if "tokenizer_config.json" in tokenizer_info.get("files", ()) and config.is_file():
+        files = tokenizer_info.get("files", ())
+        config, jinja = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+        data = {}
+        if "tokenizer_config.json" in files and config.is_file():
             try:
                 data = json.loads(config.read_text())
             except ValueError:
                 data = {}
-            template = data.get("chat_template")
-            if isinstance(template, str):
-                try:
-                    from jinja2.sandbox import ImmutableSandboxedEnvironment
+            data = data if isinstance(data, dict) else {}
+        template, self.source = data.get("chat_template"), config.name
+        if not isinstance(template, str) and "chat_template.jinja" in files and jinja.is_file():
+            template, self.source = jinja.read_text(errors="replace"), jinja.name
+        if isinstance(template, str):
+            try:
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-                    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-                    self.template = env.from_string(template)
-                except Exception:  # no jinja2, or a template it cannot read: the fallback, said in /v1/models
-                    self.template = None
-                for key in ("bos_token", "eos_token"):
-                    tok = data.get(key)
-                    self.special[key] = tok.get("content", "") if isinstance(tok, dict) else tok or ""
+                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                self.template = env.from_string(template)
+            except Exception:  # no jinja2, or a template it cannot read: the fallback, said in /v1/models
+                self.template = None
+            for key in ("bos_token", "eos_token"):
+                tok = data.get(key)
+                self.special[key] = tok.get("content", "") if isinstance(tok, dict) else tok or ""
 
     @property
     def description(self) -> str:
-        return "the artifact's chat template (tokenizer_config.json)" if self.template else FALLBACK_TEMPLATE
+        return f"the artifact's chat template ({self.source})" if self.template else FALLBACK_TEMPLATE
+
+    def render(self, messages: list[dict]) -> str:
+        """The template's text for `messages` (content a string or a list of parts, as transformers
+        passes them) with the generation prompt: what runtime/vision.build_prompt_ids expands."""
+        if self.template is None:
+            raise ApiError(400, "messages: this artifact carries no chat template", param="messages")
+        return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
 
     def prompt(self, body: dict, tokenizer) -> list[int]:
         messages = body.get("messages")
@@ -185,9 +198,7 @@ class ChatFormat:
         if not tokenizer.available:
             raise ApiError(400, "messages: this artifact has no tokenizer", param="messages")
         if self.template is not None:
-            text = self.template.render(messages=[{"role": r, "content": c} for r, c in turns],
-                                        add_generation_prompt=True, **self.special)
-            return tokenizer.encode(text)
+            return tokenizer.encode(self.render([{"role": r, "content": c} for r, c in turns]))
         text = ""
         for role, content in turns:
             text += {"system": "{}\n", "developer": "{}\n", "user": "User: {}\n", "assistant": "Assistant: {}\n",
