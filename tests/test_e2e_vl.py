@@ -18,7 +18,8 @@ GRIDS = [(1, 4, 6), (1, 6, 4), (1, 2, 2)]  # patches of three image shapes (h, w
 
 @pytest.fixture(scope="module")
 def vl_folder(tmp_path_factory):
-    return make_vl_folder(tmp_path_factory.mktemp("vl-ckpt"))
+    # a correction bias as large as the routers' softmax spread: it changes the chosen experts (asserted)
+    return make_vl_folder(tmp_path_factory.mktemp("vl-ckpt"), correction_bias=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,17 @@ def _eager_generate(model, ids, images, n):
         out = model.generate(input_ids=idt, pixel_values=pixel, image_grid_thw=grid, mm_token_type_ids=mm,
                              moe_mm_token_type_ids=moe, max_new_tokens=n, do_sample=False)
     return out[0, len(ids):].tolist()
+
+
+def test_correction_bias_changes_the_chosen_experts(reference):
+    """Precondition: with this checkpoint's bias, some token's top-k differs from the softmax's own."""
+    torch.manual_seed(0)
+    x = torch.randn(64, reference.config.text_config.hidden_size)
+    layer = next(layer for layer in reference.model.language_model.layers if hasattr(layer.mlp, "text_moe"))
+    for moe in (layer.mlp.text_moe, layer.mlp.vision_moe):
+        probs = torch.softmax(x @ moe.gate.weight.T, -1)
+        _, biased, chosen = moe.gate(x)
+        assert (chosen.sort(-1).values != probs.topk(moe.gate.top_k, -1).indices.sort(-1).values).any()
 
 
 def test_every_vl_pass_matches(compiled, reference):

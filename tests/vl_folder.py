@@ -92,8 +92,10 @@ def _write_processor_config(path: Path) -> None:
         {"image_processor": settings, "processor_class": "Ernie4_5_VLMoeProcessor"}, indent=2))
 
 
-def make_vl_folder(path, preset: str = "ernie-vl-tiny", seed: int = 0) -> Path:
-    """Write the folder described in the module docstring at `path` and return it."""
+def make_vl_folder(path, preset: str = "ernie-vl-tiny", seed: int = 0, correction_bias: float = 0.0) -> Path:
+    """Write the folder described in the module docstring at `path` and return it. `correction_bias`:
+    every router's e_score_correction_bias drawn uniform in [0, that) instead of zeros, so that it
+    changes which experts win (it only selects; the weights stay the unbiased softmax)."""
     import torch
     import transformers
 
@@ -102,7 +104,13 @@ def make_vl_folder(path, preset: str = "ernie-vl-tiny", seed: int = 0) -> Path:
     path = Path(path)
     config = transformers.AutoConfig.for_model(**PRESETS[preset])
     torch.manual_seed(seed)
-    transformers.Ernie4_5_VLMoeForConditionalGeneration(config).eval().save_pretrained(path)
+    model = transformers.Ernie4_5_VLMoeForConditionalGeneration(config).eval()
+    if correction_bias:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("e_score_correction_bias"):
+                    p.copy_(torch.rand_like(p) * correction_bias)
+    model.save_pretrained(path)
     _write_tokenizer(path, config)
     _write_processor_config(path)
     return path

@@ -24,7 +24,7 @@ from .weights import CheckpointSource, WeightSource, meta_model
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # Files a runtime needs to turn text into ids and back; copied into the artifact when present.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+                   "added_tokens.json", "chat_template.jinja")
 
 # model_type → transformers class name. Known types that we cannot compile yet say so precisely.
 SUPPORTED = {"ernie4_5": "Ernie4_5ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
