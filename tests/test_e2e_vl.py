@@ -178,3 +178,90 @@ def test_placeholder_count_must_match_images(compiled):
     ids.remove(spec.image_token_id)  # one placeholder short
     with pytest.raises(UserError, match="placeholder"):
         session.forward_images(ids, [(_patches(grid, 0), grid)])
+
+
+def _image_files(folder):
+    """A PNG and a JPEG of noise, two sizes (one over the processor's pixel limit: resized)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    png, jpg = folder / "a.png", folder / "b.jpg"
+    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(png)
+    Image.fromarray(rng.integers(0, 256, (400, 260, 3), dtype=np.uint8)).save(jpg, quality=90)
+    return png, jpg
+
+
+def test_ernie_run_images_from_files_match_the_processor_and_eager(compiled, reference, vl_folder, tmp_path):
+    """ernie-run --image … --prompt TEXT: the ids the checkpoint's own processor builds for one user
+    message (images, then text) and greedy tokens identical to transformers generate on them."""
+    import json
+
+    from conftest import run_cli
+    from vl_folder import image_processor_oracle
+
+    out, _ = compiled
+    png, jpg = _image_files(tmp_path)
+    text = "Compare the values"
+    proc = run_cli("ernie_compile.runtime.cli", str(out), "--image", str(png), "--image", str(jpg),
+                   "--prompt", text, "--max-new-tokens", "10", "--ignore-eos", "--json")
+    got = json.loads(proc.stdout)
+    processor = image_processor_oracle(vl_folder)
+    conversation = [{"role": "user", "content": [{"type": "image", "url": str(png)}, {"type": "image", "url": str(jpg)},
+                                                 {"type": "text", "text": text}]}]
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    assert got["prompt_tokens"] == n
+    assert got["image_tokens"] == (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    with torch.no_grad():
+        want = reference.generate(**inputs, max_new_tokens=10, do_sample=False)[0, n:].tolist()
+    assert got["tokens"] == want
+
+
+def test_ernie_run_text_prompt_on_the_vl_artifact(compiled, reference):
+    import json
+
+    from conftest import run_cli
+
+    out, _ = compiled
+    ids = [5, 17, 300, 981]
+    got = json.loads(run_cli("ernie_compile.runtime.cli", str(out), "--prompt-ids", ",".join(map(str, ids)),
+                             "--max-new-tokens", "6", "--ignore-eos", "--json").stdout)
+    with torch.no_grad():
+        want = reference.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    assert got["tokens"] == want and "image_tokens" not in got
+
+
+@pytest.mark.parametrize("case", ["not-an-image", "truncated-png", "missing", "text-only-artifact", "no-prompt"])
+def test_ernie_run_bad_image_input(compiled, tmp_path, case, request):
+    from conftest import run_cli
+
+    out, _ = compiled
+    png, _ = _image_files(tmp_path)
+    args = ["--prompt", "Describe"]
+    if case == "not-an-image":
+        bad = tmp_path / "notes.png"
+        bad.write_text("this is text, not pixels")
+        image, expect = bad, "notes.png"
+    elif case == "truncated-png":
+        bad = tmp_path / "cut.png"
+        bad.write_bytes(png.read_bytes()[: png.stat().st_size // 2])
+        image, expect = bad, "cut.png"
+    elif case == "missing":
+        image, expect = tmp_path / "nowhere.png", "nowhere.png"
+    elif case == "no-prompt":
+        image, expect, args = png, "--prompt", ["--prompt-ids", "1,2,3"]
+    else:
+        text_art = tmp_path_factory_artifact(request)
+        out, image, expect = text_art, png, "text-only"
+    proc = run_cli("ernie_compile.runtime.cli", str(out), "--image", str(image), *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0] and "Traceback" not in proc.stderr
+
+
+def tmp_path_factory_artifact(request):
+    """The embedded text model compiled once (a text-only artifact)."""
+    factory = request.getfixturevalue("tmp_path_factory")
+    out = factory.mktemp("tiny-text")
+    compile_model(CompileOptions(output=out, max_seq_len=64), log=lambda *_: None)
+    return out

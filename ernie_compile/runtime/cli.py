@@ -34,6 +34,9 @@ def _parser() -> Parser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, >= 0 (default 0)")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image (PNG, JPEG) for a vision-language artifact; repeatable. With --prompt, one "
+                        "user message holding the images then the text, through the artifact's chat template")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (tokens, text, finish_reason, speeds) and nothing else on stdout")
@@ -53,9 +56,17 @@ def _run(argv) -> int:
     manifest = load_manifest(args.artifact)  # read and verified once; the imports and Session use it
     if args.prompt_ids is not None:  # refused before the (possibly large) artifact is loaded
         check_prompt(args.prompt_ids, manifest.max_seq_len)
+    if args.image and not manifest.data.get("vision"):
+        raise UserError(f"--image: {manifest.folder} was compiled from a text-only model; it takes no images")
+    if args.image and args.prompt is None:
+        raise UserError("--image goes with --prompt (the chat template places the images)")
+    images = [vision_input(path, manifest.data["vision"]) for path in args.image]  # read before loading
     import_runtime_only_tvm(manifest)
     session = Session(manifest)
-    prompt = args.prompt_ids if args.prompt is None else session.tokenizer.encode(args.prompt)
+    if images:
+        prompt = image_prompt(session, args.prompt, [grid for _, grid in images])
+    else:
+        prompt = args.prompt_ids if args.prompt is None else session.tokenizer.encode(args.prompt)
     check_prompt(prompt, session.max_seq_len)
     new: list[int] = []
     shown = ""
@@ -69,12 +80,17 @@ def _run(argv) -> int:
         shown = text
 
     result = session.generate(prompt, args.max_new_tokens, sampler, stop_at_eos=not args.ignore_eos,
-                              on_token=None if args.json else stream)
+                              on_token=None if args.json else stream, images=images or None)
     if args.json:
-        print(json.dumps({"tokens": result.tokens, "text": session.tokenizer.decode(result.tokens),
-                          "finish_reason": result.finish_reason, "prompt_tokens": len(prompt),
-                          "prefill_tok_s": round(result.prefill_tok_s, 2),
-                          "decode_tok_s": round(result.decode_tok_s, 2)}))
+        out = {"tokens": result.tokens, "text": session.tokenizer.decode(result.tokens),
+               "finish_reason": result.finish_reason, "prompt_tokens": len(prompt),
+               "prefill_tok_s": round(result.prefill_tok_s, 2), "decode_tok_s": round(result.decode_tok_s, 2)}
+        if images:
+            from .vision import VisionSpec, image_token_count
+
+            merge = VisionSpec.from_json(session.vision).merge_size
+            out["image_tokens"] = [image_token_count(grid, merge) for _, grid in images]
+        print(json.dumps(out))
     else:
         sys.stdout.write("\n")
         if result.finish_reason == "context":
@@ -82,6 +98,22 @@ def _run(argv) -> int:
                   file=sys.stderr)
     sys.stdout.flush()  # here, not at exit: a closed or full stdout is then reported like any error
     return 0
+
+
+def vision_input(path: str, spec_json: dict):
+    """(patches, grid) of one --image file, as the checkpoint's image processor makes them."""
+    from .vision import VisionSpec, load_image, preprocess
+
+    return preprocess(load_image(path), VisionSpec.from_json(spec_json))
+
+
+def image_prompt(session, text: str, grids: list) -> list[int]:
+    """The ids of one user message holding the images then `text`, through the artifact's chat template."""
+    from ..serve.protocol import ChatFormat
+    from .vision import VisionSpec, build_prompt_ids
+
+    chat = ChatFormat(session.folder, session.manifest.data["tokenizer"])
+    return build_prompt_ids(session.tokenizer.encode, chat.render, grids, text, VisionSpec.from_json(session.vision))
 
 
 def main(argv=None) -> int:
