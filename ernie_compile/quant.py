@@ -30,7 +30,8 @@ from .errors import UserError
 
 BITS = (2, 3, 4, 8)
 LANES = 16  # SIMD lanes of the "lanes16" layout
-CATEGORIES = ("attn", "mlp", "experts", "embed")
+CATEGORIES = ("attn", "mlp", "experts", "embed", "vision")
+TEXT_CATEGORIES = CATEGORIES[:4]  # what a single number (--bits 4) covers: the VL vision tower stays float
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,14 @@ class QuantPolicy:
     def parse(cls, text: str | None, embed_bits: int | None = None, group_size: int = 32,
               symmetric: bool = True, scale_dtype: str = "float16",
               act_bits: int | None = None) -> "QuantPolicy | None":
-        """'4' → every category at 4 bits; 'experts=2,attn=4,embed=8' → per category (others float)."""
+        """'4' → every text category at 4 bits; 'experts=2,attn=4,embed=8' → per category (others float).
+        The VL model's vision tower and resampler ("vision") quantize only when named."""
         if text is None and embed_bits is None:
             return None
         table: dict[str, int | None] = dict.fromkeys(CATEGORIES)
         if text is not None:
             if "=" not in text:
-                table = dict.fromkeys(CATEGORIES, _bits(text))
+                table.update(dict.fromkeys(TEXT_CATEGORIES, _bits(text)))
             else:
                 for item in text.split(","):
                     key, _, value = item.partition("=")
@@ -129,9 +131,12 @@ def _bits(text: str) -> int:
 
 
 def category_of(name: str) -> str | None:
-    """Which policy category a weight belongs to. Norms, biases and the fp32 MoE router never quantize."""
-    if not name.endswith(("weight", "gate_up_proj", "down_proj")) or "norm" in name or name.endswith("mlp.gate.weight"):
+    """Which policy category a weight belongs to. Norms, biases and the fp32 MoE routers (`mlp.gate`, the
+    VL model's `mlp.text_moe.gate` / `vision_moe.gate`) never quantize."""
+    if not name.endswith(("weight", "gate_up_proj", "down_proj")) or "norm" in name or name.endswith(".gate.weight"):
         return None
+    if "vision_tower." in name or "resampler_model." in name:
+        return "vision"
     if "embed_tokens" in name or name.startswith("lm_head"):
         return "embed"
     if ".experts." in name and "shared_experts" not in name:

@@ -265,3 +265,31 @@ def tmp_path_factory_artifact(request):
     out = factory.mktemp("tiny-text")
     compile_model(CompileOptions(output=out, max_seq_len=64), log=lambda *_: None)
     return out
+
+
+def test_quantized_vl_matches_fake_quant_eager(vl_folder, tmp_path):
+    """--bits per category, the vision tower too: features and image-prompt greedy tokens equal those of
+    transformers eager with every quantized weight dequantized (the routers stay fp32)."""
+    import transformers
+
+    from ernie_compile.quant import QuantPolicy
+    from test_quantize import fake_quant
+
+    text = "experts=4,attn=4,mlp=8,embed=8,vision=8"
+    compile_model(CompileOptions(output=tmp_path / "q", model=str(vl_folder), max_seq_len=128, bits=text,
+                                 act_bits="none"), log=lambda *_: None)
+    ref = transformers.Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(vl_folder, dtype=torch.float32).eval()
+    ref = fake_quant(ref, QuantPolicy.parse(text, act_bits=None))
+    session = Session(tmp_path / "q")
+    names = session.manifest.data["weights"]["quantized"]
+    assert any("vision_tower" in n for n in names) and any("vision_moe.experts" in n for n in names)
+    assert not any(n.endswith(".gate.weight") for n in names)  # routers stay fp32
+    spec = vision.VisionSpec.from_json(session.vision)
+    grids = GRIDS[:2]
+    images = [(_patches(g, i + 11), g) for i, g in enumerate(grids)]
+    got = session.engine.encode_image(images[0][0], vision.vision_positions(grids[0], spec.merge_size), 4)
+    with torch.no_grad():
+        want = ref.model.get_image_features(torch.from_numpy(images[0][0]), torch.tensor([grids[0]])).pooler_output[0]
+    assert rel_error(got, want) <= REL_TOL
+    ids = _prompt(grids, spec)
+    assert session.generate(ids, 10, stop_at_eos=False, images=images).tokens == _eager_generate(ref, ids, images, 10)

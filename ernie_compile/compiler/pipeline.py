@@ -383,7 +383,7 @@ def _accuracy(c: Compile) -> None:
                        f"exceeds the {ACCURACY_MODEL_BYTES >> 30} GiB a compile may hold; weight errors only")
     else:  # built anew: the captured model's modules were rerouted through our ops
         reference = load(c.opts.model, c.opts.seed, dict(c.opts.preset_overrides), materialize=True)
-        acc.update(measure(reference.model, c.out, config.vocab_size))
+        acc.update(measure(reference.model, c.out, config.get_text_config().vocab_size))
         del reference
     c.manifest["accuracy"] = acc
     package.write_manifest(c.out, c.manifest)

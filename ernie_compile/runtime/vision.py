@@ -92,16 +92,17 @@ class VisionSpec:
         return cls(**values)
 
     @classmethod
-    def from_checkpoint(cls, folder: Path, config: dict) -> VisionSpec:
+    def from_checkpoint(cls, folder: Path | None, config: dict) -> VisionSpec:
         """The spec the folder's processor would use. Its settings come, as in transformers, from
         processor_config.json's "image_processor" if present, else preprocessor_config.json, else the
         processor's defaults; token ids from config.json; the placeholder text from
         tokenizer_config.json. Top-level min_pixels/max_pixels keys are ignored because this
         processor ignores them (only size{shortest_edge, longest_edge} bounds the resize)."""
-        folder = Path(folder)
-        settings = _read_json(folder / "processor_config.json").get("image_processor")
+        folder = Path(folder) if folder is not None else None  # None: a preset, the processor's defaults
+        read = (lambda name: _read_json(folder / name)) if folder is not None else (lambda name: {})
+        settings = read("processor_config.json").get("image_processor")
         if not isinstance(settings, dict):
-            settings = _read_json(folder / "preprocessor_config.json")
+            settings = read("preprocessor_config.json")
         spec = dict(PROCESSOR_DEFAULTS)
         spec.update({k: settings[k] for k in PROCESSOR_DEFAULTS if k in settings})
         size = settings.get("size", {"shortest_edge": spec["min_pixels"], "longest_edge": spec["max_pixels"]})
@@ -118,7 +119,7 @@ class VisionSpec:
                 raise UserError(f"{folder}: image processor {ours} {spec[ours]} but the vision tower's {theirs} "
                                 f"is {vision.get(theirs, default)}")
         spec.update({k: config.get(k, v) for k, v in TOKEN_ID_DEFAULTS.items()})
-        token = _read_json(folder / "tokenizer_config.json").get("image_token", IMAGE_TOKEN)
+        token = read("tokenizer_config.json").get("image_token", IMAGE_TOKEN)
         spec["image_token"] = token.get("content") if isinstance(token, dict) else token  # AddedToken form
         return cls.from_json(spec, where=f"{folder}: vision settings")  # one place checks the types
 
