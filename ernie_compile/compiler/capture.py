@@ -152,9 +152,10 @@ def _capture_vl(model, max_seq_len: int, prefill, decode, ids, pos) -> Captured:
     mm_ids[0, 1:3] = config.image_token_id  # 2 placeholders of 4 tokens: F and T stay distinct
     types = (mm_ids == config.image_token_id).to(ids.dtype)
     pos3 = pos.unsqueeze(0).expand(3, 1, t).contiguous()
-    features = torch.zeros(2, hidden)
+    dtype = model.get_input_embeddings().weight.dtype  # the compute dtype: features and patches come in it
+    features = torch.zeros(2, hidden, dtype=dtype)
     vt = config.vision_config
-    patches = torch.zeros(2, merge2, vt.in_channels * vt.patch_size ** 2)
+    patches = torch.zeros(2, merge2, vt.in_channels * vt.patch_size ** 2, dtype=dtype)
     vision_pos = torch.zeros(2, merge2, 2, dtype=torch.int64)
     prefill_mm = torch.export.export(
         _MixedStep(model).eval(), (mm_ids, pos3, types, features),
