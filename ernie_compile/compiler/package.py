@@ -116,6 +116,7 @@ _SAFETENSORS = {"float32": "F32", "float16": "F16", "uint32": "U32", "int32": "I
 
 CHUNK_BYTES = 64 << 20  # float32 bytes of one weight chunk read, quantized and written at a time
 PROGRESS_BYTES = 256 << 20  # artifacts of more weight bytes than this show a progress bar
+WORKERS = min(2, os.cpu_count() or 1)  # records packaged at once (write_safetensors): peak = WORKERS chunks
 
 
 def _chunks(record, source):
@@ -260,15 +261,38 @@ def write_safetensors(out_dir: Path, records: list, source, log, file: str = "we
     path = out_dir / file
     errors = {}
     writer = RegionWriter(offset)
+
+    def write(record) -> None:
+        for t, first, value in produce(record, source, errors):
+            writer.write(path, base + header[t.name]["data_offsets"][0], t, first, value)
+
     try:
         writer.open(path, struct.pack("<Q", len(text)) + text)
         os.truncate(path, base + offset)
-        for record in records:
-            for t, first, value in produce(record, source, errors):
-                writer.write(path, base + header[t.name]["data_offsets"][0], t, first, value)
+        _each(write, records)
     finally:
         writer.close()
     return {"file": file, "order": [t.name for t in tensors]}, errors
+
+
+def _each(fn, records: list) -> None:
+    """fn(record) for every record, on WORKERS threads: reading (bf16 → float32), quantizing and
+    pwrite-ing a chunk are numpy and system calls that release the GIL, and every record writes its
+    own regions of the file. Each worker holds one chunk at a time; the first error stops the rest."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    if WORKERS == 1 or len(records) < 2:
+        for record in records:
+            fn(record)
+        return
+    with ThreadPoolExecutor(WORKERS) as pool:
+        pending = [pool.submit(fn, r) for r in records]
+        done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+        for f in pending:
+            f.cancel()
+        for f in done:
+            if f.exception() is not None:
+                raise f.exception()
 
 
 def _itemsize(dtype: str) -> int:
