@@ -51,6 +51,7 @@ def plan(records: list[WeightRecord], config, target, opts) -> dict:
     tensors = stored_tensors(records)
     sizes = [math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in tensors]
     weights = sum(sizes)
+    config = config.get_text_config()  # the VL model's KV cache is its text model's
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * opts.max_seq_len * \
         np.dtype(opts.dtype).itemsize
