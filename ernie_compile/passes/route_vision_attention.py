@@ -10,7 +10,9 @@ hands its input and its own qkv weights to `torch.ops.ernie.vision_attention` an
 
 The op's eager reference uses transformers' own `apply_rotary_pos_emb_vision`. Lowered (Relax): one
 QKV matmul, the rotation from transformers' cos/sin (computed in the graph from the patch positions),
-and attention over all N patches as batched matmuls and a softmax.
+and attention over all N patches: the target's own kernel where it has one (`vision_attention` in
+its native_ops: targets/cpu_attention.full_attention), else batched matmuls and a softmax (dlight
+schedules them on GPUs).
 """
 from __future__ import annotations
 
@@ -77,23 +79,29 @@ def converter(report: PassReport, ctx):
         heads, scale = int(node.args[5]), float(node.args[6])
         n, c = x.ty.shape
         d = int(c) // heads
-        qkv = bb.emit(op.add(op.matmul(x, op.permute_dims(w)), b))  # [N, 3C]
-        qkv = bb.emit(op.permute_dims(op.reshape(qkv, [n, 3, heads, d]), [1, 2, 0, 3]))  # [3, H, N, D]
-        parts = bb.emit(op.split(qkv, 3, axis=0))
-        q, k, v = (bb.emit(op.squeeze(relax.TupleGetItem(parts, i), [0])) for i in range(3))  # [H, N, D]
-        cos_, sin_ = (bb.emit(op.expand_dims(op.astype(t, "float32"), 0)) for t in (cos, sin))  # [1, N, D]
+        dtype = x.ty.dtype
+        qkv = bb.emit(op.reshape(op.add(op.matmul(x, op.permute_dims(w)), b), [n, 3, heads, d]))  # [N, 3, H, D]
+        parts = bb.emit(op.split(qkv, 3, axis=1))
+        q, k, v = (bb.emit(op.squeeze(relax.TupleGetItem(parts, i), [1])) for i in range(3))  # [N, H, D]
+        cos_, sin_ = (bb.emit(op.expand_dims(op.astype(t, "float32"), 1)) for t in (cos, sin))  # [N, 1, D]
 
         def rotate(t):  # transformers' rotate_half: [-x2, x1] of the two halves, in fp32
             t = op.astype(t, "float32")
             halves = bb.emit(op.split(t, 2, axis=-1))
             turned = op.concat([op.negative(relax.TupleGetItem(halves, 1)), relax.TupleGetItem(halves, 0)], axis=-1)
-            return bb.emit(op.astype(op.add(op.multiply(t, cos_), op.multiply(turned, sin_)), x.ty.dtype))
+            return bb.emit(op.astype(op.add(op.multiply(t, cos_), op.multiply(turned, sin_)), dtype))
 
         q, k = rotate(q), rotate(k)
-        scores = bb.emit(op.multiply(op.matmul(q, op.permute_dims(k, [0, 2, 1])), relax.const(scale, x.ty.dtype)))
-        probs = bb.emit(op.astype(op.nn.softmax(op.astype(scores, "float32"), axis=-1), x.ty.dtype))  # [H, N, N]
-        out = bb.emit(op.matmul(probs, v))  # [H, N, D]
         report.matched += 1
+        if "vision_attention" in ctx.target.native_ops:  # the target's own kernel (CPU)
+            f = ctx.kernel(f"vision_attention_{heads}x{d}_{dtype}_s{scale:.6g}",
+                           lambda: ctx.target_kernels.full_attention(heads, d, dtype, scale))
+            out = bb.emit(relax.call_tir(f, [q, k, v], relax.TensorType((n, heads, d), dtype)))
+            return bb.emit(op.reshape(out, [n, c]))
+        q, k, v = (bb.emit(op.permute_dims(t, [1, 0, 2])) for t in (q, k, v))  # [H, N, D]
+        scores = bb.emit(op.multiply(op.matmul(q, op.permute_dims(k, [0, 2, 1])), relax.const(scale, dtype)))
+        probs = bb.emit(op.astype(op.nn.softmax(op.astype(scores, "float32"), axis=-1), dtype))  # [H, N, N]
+        out = bb.emit(op.matmul(probs, v))  # [H, N, D]
         return bb.emit(op.reshape(op.permute_dims(out, [1, 0, 2]), [n, c]))
 
     return convert

@@ -239,6 +239,39 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     return batch_prefill_ragged_kv
 
 
+def full_attention(num_heads: int, head_dim: int, dtype: str, scale: float):
+    """Non-causal attention of N tokens over themselves (the VL vision tower, one image): q, k, v
+    [N, H, D] → [N, H, D]. One parallel task per (token, head), softmax blocks of BLOCK keys as the
+    prefill kernel; TVM's default schedule of the same matmul + softmax + matmul is one thread and
+    scalar (minutes for a 1024-patch image through 32 blocks)."""
+    d = head_dim
+    row = lambda buf, base, h, j, c: buf[base + j, h, c]  # noqa: E731  (keys and values alike)
+    start, attend_block, _ = _attention_macros(BLOCK, d, dtype, row, row)
+    vw = vector_width(d)
+
+    @T.prim_func(private=True)
+    def vision_full_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_out: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        q = T.match_buffer(var_q, (n, num_heads, d), dtype)
+        k = T.match_buffer(var_k, (n, num_heads, d), dtype)
+        v = T.match_buffer(var_v, (n, num_heads, d), dtype)
+        out = T.match_buffer(var_out, (n, num_heads, d), dtype)
+        for task in T.parallel(n * num_heads):
+            o = T.decl_buffer((d,), "float32")
+            acc = T.decl_buffer((vw,), "float32")
+            s = T.decl_buffer((BLOCK,), "float32")
+            state = T.decl_buffer((4,), "float32")
+            start(o, state)
+            for blk in range((n + BLOCK - 1) // BLOCK):
+                attend_block(o, acc, s, state, q, task // num_heads, task % num_heads, k, v, blk * BLOCK,
+                             task % num_heads, T.min(T.int64(BLOCK), n - blk * BLOCK), T.float32(scale))
+            for lane in T.vectorized(d):
+                out[task // num_heads, task % num_heads, lane] = T.cast(o[lane] / state[1], dtype)
+
+    return vision_full_attention
+
+
 def kv_cache_overrides(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int,
                        rope_theta: float, rope_scale: float = 1.0) -> dict:
     """The kernels of TVM's paged KV cache to replace, by name."""

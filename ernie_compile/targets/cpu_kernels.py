@@ -347,6 +347,13 @@ def silu_mul(inter: int, dtype: str = "float32"):
 
     return cpu_silu_mul
 
+def full_attention(*args):
+    """Non-causal attention for the VL vision tower (targets/cpu_attention.py)."""
+    from .cpu_attention import full_attention as kernel
+
+    return kernel(*args)
+
+
 def kv_cache_overrides(*args) -> dict:
     """The kernels of TVM's paged KV cache to replace (targets/cpu_attention.py, which builds on this
     file's helpers)."""
