@@ -86,7 +86,7 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
                         f"{FORMAT_VERSION}; recompile with this ernie-compile)")
     try:
         backend = data.get("backend")
-        if backend not in schema.SCHEMAS:
+        if not isinstance(backend, str) or backend not in schema.SCHEMAS:  # (a list is not even hashable)
             raise UserError(f"backend: {backend!r} is not one this runtime runs ({', '.join(schema.SCHEMAS)})")
         files = data.get("files")
         schema.check_files(folder, files)
