@@ -293,3 +293,14 @@ def test_quantized_vl_matches_fake_quant_eager(vl_folder, tmp_path):
     assert rel_error(got, want) <= REL_TOL
     ids = _prompt(grids, spec)
     assert session.generate(ids, 10, stop_at_eos=False, images=images).tokens == _eager_generate(ref, ids, images, 10)
+
+
+@pytest.mark.parametrize("flags, expect", [(["--backend", "inductor"], "tvm backend only"),
+                                           (["--target", "webgpu"], "paged KV cache")])
+def test_vl_refused_where_it_cannot_run(tmp_path, flags, expect):
+    from conftest import run_cli
+
+    proc = run_cli("ernie_compile.cli", "--model", "ernie-vl-tiny", *flags, "-o", str(tmp_path / "o"), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -33,11 +33,20 @@ def moe_q4(tmp_path_factory, moe_checkpoints):
     return out
 
 
+@pytest.fixture(scope="module")
+def vl_q4(tmp_path_factory):
+    """The embedded VL model (vision tower, both expert kinds, M-RoPE), 4-bit text, float16."""
+    out = tmp_path_factory.mktemp("cuda-vl") / "out"
+    compile_model(CompileOptions(output=out, model="ernie-vl-tiny", target="cuda:sm_90", bits="4", max_seq_len=256),
+                  log=lambda *_: None)
+    return out
+
+
 def _manifest(folder):
     return json.loads((folder / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("artifact", ["dense_fp16", "moe_q4"])
+@pytest.mark.parametrize("artifact", ["dense_fp16", "moe_q4", "vl_q4"])
 def test_every_kernel_is_scheduled_and_compiled_for_each_arch(artifact, request):
     folder = request.getfixturevalue(artifact)
     m = _manifest(folder)
