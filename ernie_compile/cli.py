@@ -39,9 +39,9 @@ def _parser() -> Parser:
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="keep q/k/v projections and RoPE unfused (a baseline for benchmarks)")
     q = p.add_argument_group("weight quantization (group-wise, dequantized inside the kernels)")
-    q.add_argument("--bits", help="2, 3, 4 or 8 for every linear weight, or per category, e.g. "
-                                  "experts=2,attn=4,mlp=4,embed=8 (categories left out stay float32; "
-                                  "default: none, float weights)")
+    q.add_argument("--bits", help="2, 3, 4 or 8 for every linear weight of the text model, or per category, e.g. "
+                                  "experts=2,attn=4,mlp=4,embed=8,vision=8 (categories left out stay float32; "
+                                  "vision: the VL model's vision tower, only when named; default: none, float weights)")
     q.add_argument("--embed-bits", type=int, help="bits of the embedding / lm_head (overrides --bits; "
                                                   "default: as --bits)")
     q.add_argument("--group-size", type=int, default=32, help="values per scale")
