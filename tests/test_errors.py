@@ -53,11 +53,13 @@ def test_missing_model_type(capsys, tmp_path, good):
     _compile_fails(capsys, tmp_path, ckpt, match="unknown model_type None")
 
 
-def test_vl_is_reported_as_not_yet_supported(capsys, tmp_path, good):
+def test_text_checkpoint_labelled_vl(capsys, tmp_path, good):
+    """A dense checkpoint whose config says ernie4_5_vl_moe: transformers' VL defaults then want a
+    vision tower and experts the folder does not have."""
     ckpt = _copy(good, tmp_path)
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps(dict(cfg, model_type="ernie4_5_vl_moe")))
-    _compile_fails(capsys, tmp_path, ckpt, match="not supported yet")
+    _compile_fails(capsys, tmp_path, ckpt, match="weights missing or of the wrong shape")
 
 
 def test_weights_that_do_not_fit_the_config(capsys, tmp_path, good):

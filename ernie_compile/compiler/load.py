@@ -26,10 +26,9 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 
-# model_type → transformers class name. Known types that we cannot compile yet say so precisely.
+# model_type → transformers class name.
 SUPPORTED = {"ernie4_5": "Ernie4_5ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
              "ernie4_5_vl_moe": "Ernie4_5_VLMoeForConditionalGeneration"}
-NOT_YET: dict[str, str] = {}
 
 
 @dataclass
@@ -47,8 +46,6 @@ def _model_class(model_type: str | None):
 
     if model_type in SUPPORTED:
         return getattr(transformers, SUPPORTED[model_type])
-    if model_type in NOT_YET:
-        raise UserError(f"model_type '{model_type}': {NOT_YET[model_type]}")
     raise UserError(f"unknown model_type {model_type!r} in config.json; supported: {', '.join(sorted(SUPPORTED))}")
 
 
