@@ -62,6 +62,16 @@ def applies_to(p, function: str) -> bool:
     return function in getattr(p, "FUNCTIONS", TEXT_FUNCTIONS)
 
 
+def swap_forwards(model, cls, make_forward, report: PassReport) -> PassReport:
+    """Give every module of `model` that is a `cls` the forward make_forward(module) returns (on this
+    model instance: transformers' class is untouched), counting each in `report`."""
+    for module in model.modules():
+        if isinstance(module, cls):
+            module.forward = make_forward(module)
+            report.matched += 1
+    return report
+
+
 def decoder_layers(model):
     """The decoder layers of a text model (Ernie4_5ForCausalLM, …) or of the VL model's language model."""
     inner = model.model

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import PassReport
+from . import PassReport, swap_forwards
 from .fuse_moe_routing import emit_moe, moe
 
 NAME = "fuse_modality_moe"
@@ -71,12 +71,8 @@ def install(model) -> PassReport:
     """Swap every VL MoE block's forward for the fused op (in place, on this model instance)."""
     from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import Ernie4_5_VLMoeMoeBlock
 
-    report = PassReport(NAME, expected=expected_sites(model.config))
-    for module in model.modules():
-        if isinstance(module, Ernie4_5_VLMoeMoeBlock):
-            module.forward = _fused_forward(module)
-            report.matched += 1
-    return report
+    return swap_forwards(model, Ernie4_5_VLMoeMoeBlock, _fused_forward,
+                         PassReport(NAME, expected=expected_sites(model.config)))
 
 
 def converter(report: PassReport, ctx):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import PassReport
+from . import PassReport, swap_forwards
 
 NAME = "fuse_moe_routing"
 OP_NAME = "moe.default"  # how the importer names torch.ops.ernie.moe
@@ -78,12 +78,8 @@ def install(model) -> PassReport:
     """Swap every MoE block's forward for the fused op (in place, on this model instance)."""
     from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock
 
-    report = PassReport(NAME, expected=expected_sites(model.config))
-    for module in model.modules():
-        if isinstance(module, Ernie4_5_MoeSparseMoeBlock):
-            module.forward = _fused_forward(module)
-            report.matched += 1
-    return report
+    return swap_forwards(model, Ernie4_5_MoeSparseMoeBlock, _fused_forward,
+                         PassReport(NAME, expected=expected_sites(model.config)))
 
 
 def emit_moe(bb, ctx, x, gate_w, bias, gate_up, down, top_k: int, norm_min: float):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import PassReport
+from . import PassReport, swap_forwards
 
 NAME = "route_vision_attention"
 OP_NAME = "vision_attention.default"
@@ -61,12 +61,8 @@ def expected_sites(config) -> int:
 def install(model) -> PassReport:
     from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import Ernie4_5_VLMoeVisionAttention
 
-    report = PassReport(NAME, expected=expected_sites(model.config))
-    for module in model.modules():
-        if isinstance(module, Ernie4_5_VLMoeVisionAttention):
-            module.forward = _forward(module)
-            report.matched += 1
-    return report
+    return swap_forwards(model, Ernie4_5_VLMoeVisionAttention, _forward,
+                         PassReport(NAME, expected=expected_sites(model.config)))
 
 
 def converter(report: PassReport, ctx):
