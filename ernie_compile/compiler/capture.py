@@ -130,19 +130,18 @@ def capture(model, max_seq_len: int, passes: list, ids_dtype: str = "int64", bat
                 dynamic_shapes={"input_ids": {1: seq}, "position_ids": {1: seq},
                                 "logit_rows": {0: torch.export.Dim("rows", min=1, max=max_seq_len)}})
         if model.config.model_type == "ernie4_5_vl_moe":
-            return _capture_vl(model, max_seq_len, prefill, decode, ids, pos)
+            return _capture_vl(model, max_seq_len, seq, prefill, decode, ids, pos)
     names = [parameter_names(ep) for ep in (prefill, decode, batched) if ep is not None]
     if any(n != names[0] for n in names):
         raise InternalError("the steps captured different parameter lists")
     return Captured(prefill, decode, batched, names[0])
 
 
-def _capture_vl(model, max_seq_len: int, prefill, decode, ids, pos) -> Captured:
+def _capture_vl(model, max_seq_len: int, seq, prefill, decode, ids, pos) -> Captured:
     """The VL model's two more steps: the mixed prefill (3-D positions [3, 1, T], modalities [1, T], image
     features [F, H] for the F placeholder tokens) and the image encoder (one image's patches
     [M, merge², C·p²] and their positions [M, merge², 2], M its tokens). Text prompts and decode take the text steps."""
     config = model.config
-    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
     feats = torch.export.Dim("feats", min=1, max=max_seq_len)
     merged = torch.export.Dim("merged", min=1, max=max_seq_len)  # an image's tokens: N / merge²
     merge2 = config.vision_config.spatial_merge_size ** 2

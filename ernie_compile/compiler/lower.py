@@ -291,9 +291,9 @@ def lower(captured: Captured, config, target, passes: list, dtype: str = "float3
     for name, func in funcs.items():
         mod[name] = _take_weights(func, step_weights[name], order)
     ctx.kernels.add_to(mod)
-    # the report of each pass: that of the first step it applies to, decode's first
-    first = [n for n in ("decode", "prefill_mm", "encode_image", "prefill", "batch") if n in all_reports]
-    reports = [next(all_reports[n][i] for n in first if applies_to(p, n) or n == first[-1])
+    # the report of each pass: decode's, or for a pass of the image steps alone, that step's
+    shown = [n for n in ("decode", "prefill_mm", "encode_image") if n in all_reports]
+    reports = [next((all_reports[n][i] for n in shown if applies_to(p, n)), all_reports["decode"][i])
                for i, p in enumerate(passes)]
     return mod, reports, order
 

@@ -60,11 +60,12 @@ def _run(argv) -> int:
         raise UserError(f"--image: {manifest.folder} was compiled from a text-only model; it takes no images")
     if args.image and args.prompt is None:
         raise UserError("--image goes with --prompt (the chat template places the images)")
-    images = [vision_input(path, manifest.data["vision"]) for path in args.image]  # read before loading
+    spec = vision_spec(manifest.data["vision"]) if args.image else None
+    images = [vision_input(path, spec) for path in args.image]  # read before the artifact loads
     import_runtime_only_tvm(manifest)
     session = Session(manifest)
     if images:
-        prompt = image_prompt(session, args.prompt, [grid for _, grid in images])
+        prompt = image_prompt(session, args.prompt, [grid for _, grid in images], spec)
     else:
         prompt = args.prompt_ids if args.prompt is None else session.tokenizer.encode(args.prompt)
     check_prompt(prompt, session.max_seq_len)
@@ -86,10 +87,9 @@ def _run(argv) -> int:
                "finish_reason": result.finish_reason, "prompt_tokens": len(prompt),
                "prefill_tok_s": round(result.prefill_tok_s, 2), "decode_tok_s": round(result.decode_tok_s, 2)}
         if images:
-            from .vision import VisionSpec, image_token_count
+            from .vision import image_token_count
 
-            merge = VisionSpec.from_json(session.vision).merge_size
-            out["image_tokens"] = [image_token_count(grid, merge) for _, grid in images]
+            out["image_tokens"] = [image_token_count(grid, spec.merge_size) for _, grid in images]
         print(json.dumps(out))
     else:
         sys.stdout.write("\n")
@@ -100,20 +100,26 @@ def _run(argv) -> int:
     return 0
 
 
-def vision_input(path: str, spec_json: dict):
+def vision_spec(data: dict):
+    from .vision import VisionSpec
+
+    return VisionSpec.from_json(data)
+
+
+def vision_input(path: str, spec):
     """(patches, grid) of one --image file, as the checkpoint's image processor makes them."""
-    from .vision import VisionSpec, load_image, preprocess
+    from .vision import load_image, preprocess
 
-    return preprocess(load_image(path), VisionSpec.from_json(spec_json))
+    return preprocess(load_image(path), spec)
 
 
-def image_prompt(session, text: str, grids: list) -> list[int]:
+def image_prompt(session, text: str, grids: list, spec) -> list[int]:
     """The ids of one user message holding the images then `text`, through the artifact's chat template."""
     from ..serve.protocol import ChatFormat
-    from .vision import VisionSpec, build_prompt_ids
+    from .vision import build_prompt_ids
 
     chat = ChatFormat(session.folder, session.manifest.data["tokenizer"])
-    return build_prompt_ids(session.tokenizer.encode, chat.render, grids, text, VisionSpec.from_json(session.vision))
+    return build_prompt_ids(session.tokenizer.encode, chat.render, grids, text, spec)
 
 
 def main(argv=None) -> int:

@@ -136,13 +136,17 @@ class Session:
         if self.length + n > self.max_seq_len:
             raise UserError(f"sequence of {self.length + n} tokens exceeds this artifact's max_seq_len "
                             f"{self.max_seq_len} (compile with a larger --max-seq-len)")
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        self._check_vocabulary(ids)
+        # (only the TVM engine runs VL artifacts, the one engine whose step takes a position offset)
         logits = self._engine.step(ids, self.length, self.rope_delta) if self.rope_delta else \
             self._engine.step(ids, self.length)
         self.length += n
         return logits
+
+    def _check_vocabulary(self, ids: list[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
 
     def forward_images(self, ids: list[int], images: list) -> np.ndarray:
         """A prompt holding images into an empty sequence: `images` are (patches [N, C·p²], grid (t, h, w))
@@ -157,19 +161,13 @@ class Session:
         if self.length:
             raise UserError("images go in a sequence's first prompt")
         check_prompt(ids, self.max_seq_len)
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        merge2 = spec.merge_size ** 2
+        self._check_vocabulary(ids)
         grids = [tuple(int(g) for g in grid) for _, grid in images]
-        placeholders = sum(1 for i in ids if i == spec.image_token_id)
-        wanted = sum(vision.image_token_count(g, spec.merge_size) for g in grids)
-        if placeholders != wanted:
-            raise UserError(f"the prompt holds {placeholders} image placeholder tokens, its images need {wanted}")
-        features = np.concatenate([self._engine.encode_image(patches, vision.vision_positions(grid, spec.merge_size),
-                                                             merge2)
-                                   for (patches, _), grid in zip(images, grids)])  # [F, H]
+        # first, as it refuses placeholder runs that do not fit the images: before any image is encoded
         positions, delta = vision.rope_positions(ids, grids, spec)
+        features = np.concatenate([self._engine.encode_image(patches, vision.vision_positions(grid, spec.merge_size),
+                                                             spec.merge_size ** 2)
+                                   for (patches, _), grid in zip(images, grids)])  # [F, H]
         logits = self._engine.step_images(list(ids), positions, vision.moe_token_types(ids, spec), features)
         self.length, self.rope_delta = len(ids), int(delta)
         return logits

@@ -196,15 +196,15 @@ class TvmEngine:
         self._kv_begin(self._kv, self._shape([0]), self._shape([n]))
         logits = fn(tokens, positions, self._kv, *self._weights)
         self._kv_end(self._kv)
-        # in place: the array keeps the step's output tensor alive, and the VM allocates a new one per call
+        return self._last_logits(logits)
+
+    def _last_logits(self, logits) -> np.ndarray:
+        """Row 0 of a step's logits [1, V] as float32. On the CPU in place: the array keeps the step's
+        output tensor alive, and the VM allocates a new one per call."""
         out = np.from_dlpack(logits)[0] if self._host else logits.numpy()[0]
         return out if out.dtype == np.float32 else out.astype(np.float32)
 
     # ---- images (the VL model) ----
-
-    @property
-    def sees_images(self) -> bool:
-        return self._encode is not None
 
     def encode_image(self, patches: np.ndarray, positions: np.ndarray, merge2: int) -> np.ndarray:
         """One image's patches [N, C·p²] and their (h, w) positions [N, 2] → its features [N / merge², H]."""
@@ -225,8 +225,7 @@ class TvmEngine:
                                   self._tensor(np.asarray(types, dtype=np.int64)[None]),
                                   self._tensor(features), self._kv, *self._weights)
         self._kv_end(self._kv)
-        out = logits.numpy()[0]
-        return out if out.dtype == np.float32 else out.astype(np.float32)
+        return self._last_logits(logits)
 
     # ---- many sequences in one cache (the server) ----
 
