@@ -67,10 +67,11 @@ def _slice(node, importer):
 
 
 def _linear_in_input_dtype(node, importer):
-    """`aten.linear` / `mm` / `addmm` / `matmul` as torch computes them: the result in the input's dtype. The stock
-    converters return float32 for float16 inputs, which a LayerNorm reading it with float16 weights
-    refuses (the VL vision tower on float16 targets), as does the KV-cache route's concat of q, k
-    (cast back after RoPE) with v; accumulation stays in float32, then one cast."""
+    """`aten.linear` / `mm` / `addmm` / `matmul` as torch computes them: the result in the input's dtype.
+    The stock converters return float32 for float16 inputs and let it flow on, which a LayerNorm
+    reading it with float16 weights refuses (the VL vision tower on float16 targets), as does the
+    KV-cache route's concat of q, k (cast back after RoPE) with v. Accumulation stays in float32, then
+    one cast; float32 graphs are unchanged."""
     bb = importer.block_builder
     args = importer.retrieve_args(node)
     x, w = args[0], args[1]
@@ -184,9 +185,8 @@ def _import_step(ep, name: str, reports: list[PassReport], passes, ctx: Lowering
     convert_map = {p.OP_NAME: p.converter(r, ctx) for p, r in zip(passes, reports)}
     convert_map["select.int"] = _select_int
     convert_map["slice.Tensor"] = _slice
-    if getattr(ctx.config, "model_type", "") == "ernie4_5_vl_moe_text":  # (text models: the fused passes cast)
-        for op_name in ("linear.default", "mm.default", "matmul.default", "addmm.default"):
-            convert_map[op_name] = _linear_in_input_dtype
+    for op_name in ("linear.default", "mm.default", "matmul.default", "addmm.default"):
+        convert_map[op_name] = _linear_in_input_dtype
     with _weightless_params():
         mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
                                     custom_convert_map=convert_map)
