@@ -8,6 +8,11 @@ prefilling ones within a token budget (`prefill_chunk`), so a long prompt is pre
 steps while running streams keep getting a token per step. A new prompt that shares at least a page
 of tokens with a sequence already cached forks it: those tokens' pages are shared, not recomputed.
 
+Prefix cache: a sequence that completes keeps its pages while its slot is not needed (a later request
+with the same system prompt forks it, even after the first one has finished); a new request that
+finds no free slot evicts the least recently used of these. Slots bound the pages: the cache holds
+max_batch full-length sequences' pages, so kept sequences can never starve running ones.
+
 Artifacts without a `batch` step run one call per sequence per step (round-robin); engines without a
 multi-sequence cache (inductor, WebGPU) serve one sequence at a time.
 """
@@ -108,6 +113,7 @@ class Scheduler:
         self.engine.open_batch(self.max_batch)
         self._queue: collections.deque[Request] = collections.deque()
         self._active: list[_Seq] = []
+        self._kept: collections.OrderedDict[int, _Seq] = collections.OrderedDict()  # finished, pages kept; LRU first
         self._free_ids = list(range(self.max_batch))
         self._cond = threading.Condition()
         self._stop = False
@@ -180,17 +186,21 @@ class Scheduler:
             self._finish(s, "cancelled")
 
     def _admit(self) -> None:
-        while self._queue and self._free_ids:
+        while self._queue and (self._free_ids or self._kept):
             req = self._queue.popleft()
-            sid = self._free_ids.pop()
-            seq = _Seq(req, sid)
             parent, common = self._longest_cached_prefix(req.prompt)
+            sid = self._slot(keep=parent)
+            if parent is not None and parent.sid not in self._kept and parent not in self._active:
+                parent, common = None, 0  # the only kept sequence was the parent: its slot is needed
+            seq = _Seq(req, sid)
             try:
                 if parent is not None:
                     try:
                         self.engine.fork_sequence(parent.sid, sid, common)
                         seq.fed = req.cached_prompt_tokens = common
                         self.stats["prefix_tokens_reused"] += common
+                        if parent.sid in self._kept:
+                            self._kept.move_to_end(parent.sid)  # recently useful: evicted last
                     except Exception:  # the cache refused the fork: compute the prompt instead
                         log.exception("fork_sequence failed; prefilling the whole prompt")
                         parent = None
@@ -203,14 +213,31 @@ class Scheduler:
                 continue
             self._active.append(seq)
 
+    def _slot(self, keep: _Seq | None) -> int:
+        """A free sequence id; with none free, the least recently used kept sequence's (not `keep`'s,
+        unless it is the only one)."""
+        if self._free_ids:
+            return self._free_ids.pop()
+        victim = next((sid for sid in self._kept if keep is None or sid != keep.sid), next(iter(self._kept)))
+        self._release(self._kept.pop(victim).sid)
+        self.stats["prefix_cache_evicted"] += 1
+        return self._free_ids.pop()
+
+    def _release(self, sid: int) -> None:
+        try:
+            self.engine.remove_sequence(sid)
+        except Exception:  # the id is still returned: a failed removal must not leak a slot
+            log.exception("remove_sequence failed")
+        self._free_ids.append(sid)
+
     def _longest_cached_prefix(self, prompt: list[int]) -> tuple[_Seq | None, int]:
-        """The active sequence sharing the longest cached prefix with `prompt` (at least a page; the
-        prompt's last token is always computed anew, for its logits)."""
+        """The running or kept sequence sharing the longest cached prefix with `prompt` (at least a
+        page; the prompt's last token is always computed anew, for its logits)."""
         if not self.forks:
             return None, 0
         best, best_n = None, 0
         limit = len(prompt) - 1
-        for s in self._active:
+        for s in [*self._active, *self._kept.values()]:
             cached = s.history[:min(s.fed, limit)]
             n = 0
             for a, b in zip(cached, prompt):
@@ -275,11 +302,10 @@ class Scheduler:
 
     def _finish(self, s: _Seq, reason: str, error: Exception | None = None) -> None:
         self._active.remove(s)
-        try:
-            self.engine.remove_sequence(s.sid)
-        except Exception:  # the id is still returned: a failed removal must not leak a slot
-            log.exception("remove_sequence failed")
-        self._free_ids.append(s.sid)
+        if self.forks and reason in ("stop", "length", "context") and s.fed >= self.page_size:
+            self._kept[s.sid] = s  # its pages stay for a later prompt with the same prefix
+        else:
+            self._release(s.sid)
         self.stats[f"finished_{reason}"] += 1
         try:
             s.req.on_done(reason, error)

@@ -247,6 +247,48 @@ def test_prefix_is_forked_not_recomputed_and_results_match(session):
     assert [a.tokens, b.tokens] == expected
 
 
+def _run_in_order(sched, requests):
+    """Each request submitted after the one before it has finished."""
+    thread = threading.Thread(target=sched.run)
+    thread.start()
+    done = threading.Semaphore(0)
+    reqs = [_request(p, n, done) for p, n in requests]
+    try:
+        for r in reqs:
+            sched.submit(r)
+            assert done.acquire(timeout=30)
+    finally:
+        sched.stop()
+        thread.join(30)
+    return reqs
+
+
+def test_finished_sequences_prefix_cache_and_eviction(session):
+    """A finished sequence keeps its pages while its slot is free: the next prompt with the same
+    37-token prefix forks it after it has ended. With every slot taken by kept sequences, a new request
+    evicts the least recently used one, never the parent it forks; max_batch 1 can never fork (the
+    parent's slot is the one needed). Every result equals Session.generate."""
+    shared = list(range(3, 40))
+    requests = [(shared + [5], 6), (shared + [7, 8, 9], 6), ([900, 901] * 20, 4), ([640] * 30, 4),
+                (shared + [11], 5)]
+    expected = [session.generate(p, n).tokens for p, n in requests]
+    try:
+        sched = Scheduler(session.engine, session.max_seq_len, session.eos_token_ids, max_batch=3, prefill_chunk=16)
+        reqs = _run_in_order(sched, requests)
+        assert [r.tokens for r in reqs] == expected
+        # 2nd forks the 1st (finished); 3rd takes the last free slot; 4th evicts the 1st (least
+        # recently used); 5th forks the 2nd, now least recently used, and evicts the 3rd instead
+        assert [r.cached_prompt_tokens for r in reqs] == [0, len(shared), 0, 0, len(shared)]
+        assert sched.stats["prefix_cache_evicted"] == 2
+
+        one = Scheduler(session.engine, session.max_seq_len, session.eos_token_ids, max_batch=1, prefill_chunk=16)
+        reqs = _run_in_order(one, requests[:2])
+        assert [r.tokens for r in reqs] == expected[:2]
+        assert [r.cached_prompt_tokens for r in reqs] == [0, 0] and one.stats["prefix_cache_evicted"] == 1
+    finally:
+        session.reset()
+
+
 class _SingleSequenceEngine:
     """An engine with one sequence's cache (as the inductor and WebGPU engines): no step_many."""
 
