@@ -12,11 +12,14 @@ Layouts of a row's words:
 - "lanes16": rows whose length is a multiple of 16·P are cut into blocks of 16 words; word l of
   block b holds elements b·16P + p·16 + l for p = 0 … P − 1. One 16-lane vector load of a block and
   one shift by p·b then yields 16 *consecutive* elements: SIMD dequantization without gathers.
-- "vnni16" (4 and 8 bits; N % 16 == 0, K % 32 == 0, groups of 32·j): for int8-activation kernels
-  (targets/cpu_vnni.py). Rows are cut into tiles of 16 and K into blocks of 32; a tile's block is
-  one run of 16·32·b/8 bytes, vectors of 64 bytes in which byte 4·l + c belongs to row l of the
-  tile (lane l). 8 bits: vector j holds elements 4j + c. 4 bits: vector j (0…3) holds elements
-  4j + c in its low nibbles and 16 + 4j + c in its high ones. Scales and offsets are stored
+- "vnni16" (2, 3, 4 and 8 bits; N % 16 == 0, K % 32 == 0, groups of 32·j): for int8-activation
+  kernels (targets/cpu_vnni.py). Rows are cut into tiles of 16 and K into blocks of 32; a tile's
+  block is one run of b vectors of 64 bytes (16·32·b/8 bytes, codes densely packed: K·b/32 words per
+  row, 3 bits included) in which byte 4·l + c belongs to row l of the tile (lane l). Within a block,
+  element 4j + c (j = 0…7) sits in byte c of lane l at: 8 bits: vector j. 4 bits: vector j % 4,
+  bits 4·(j // 4) (low nibbles j < 4, high ones j ≥ 4). 2 bits: vector j % 2, bits 2·(j // 2).
+  3 bits: its low 2 bits as the 2-bit layout in vectors 0 and 1, its high bit in vector 2, bit j
+  (llama.cpp's Q3_K splits its codes the same way). Scales and offsets are stored
   tile-transposed, [N/16, groups, 16] in the same [N, groups] array, so 16 lanes load at once.
   The arrays keep the shapes of the other layouts: only the order inside each 16-row tile differs.
 """
@@ -47,6 +50,8 @@ class QuantSpec:
         return 32 // self.bits
 
     def words(self, k: int) -> int:
+        if self.layout == "vnni16":  # codes densely packed, K % 32 == 0: 3 bits too
+            return k * self.bits // 32
         return -(-k // self.per_word)
 
     def as_dict(self) -> dict:
@@ -57,8 +62,8 @@ class QuantSpec:
 @dataclass(frozen=True)
 class QuantPolicy:
     """Bits per weight category; None: that category stays float32. act_bits 8: linears and MoE
-    experts over weights of the bits the target's int8 dot takes (4 and 8 with VNNI, 4 with AVX2)
-    quantize their input activations to int8 per block of 32 (the vnni16 layout and kernels);
+    experts over weights of the bits the target's int8 dot takes (2, 3, 4 and 8 with VNNI, 2, 3 and 4
+    with AVX2) quantize their input activations to int8 per block of 32 (the vnni16 layout and kernels);
     None: activations stay float32."""
 
     bits: tuple[tuple[str, int | None], ...]
@@ -95,7 +100,7 @@ class QuantPolicy:
         return cls(tuple(table.items()), group_size, symmetric, scale_dtype, act_bits)
 
     def spec_for(self, weight_name: str, k: int, n: int | None = None,
-                 layouts=("vnni16", "lanes16", "row"), int8_bits=(4, 8)) -> QuantSpec | None:
+                 layouts=("vnni16", "lanes16", "row"), int8_bits=(2, 3, 4, 8)) -> QuantSpec | None:
         """The spec for a weight [..., n, k] by its transformers name, or None to keep it float. n: its
         rows (each expert's, for stacked [E, n, k] expert weights; None: unknown, never vnni16).
         `layouts`: those the target's kernels read, preferred first ("row" always works); `int8_bits`:
@@ -189,22 +194,38 @@ def _vnni16(codes: np.ndarray, bits: int, inverse: bool = False) -> np.ndarray:
     if inverse:
         *lead, n, words = codes.shape
         k = words * 32 // bits
-        b = codes.astype("<u4").view(np.uint8).reshape(*lead, n // LANES, k // 32, bits, LANES, 4)
-        if bits == 4:  # [.., t, b, j, l, c] → [.., t, l, b, h, j, c]
-            b = np.stack([b & 15, b >> 4], axis=-4)  # [.., t, b, h, j, l, c]
-            b = np.moveaxis(b, -2, -5)  # [.., t, l, b, h, j, c]
-        else:  # [.., t, b, j, l, c] → [.., t, l, b, j, c]
-            b = np.moveaxis(b, -2, -4)
-        return b.reshape(*lead, n, k).astype(np.uint32)
+        v = codes.astype("<u4").view(np.uint8).reshape(*lead, n // LANES, k // 32, bits, LANES, 4)
+        v = np.moveaxis(v, -2, -4)  # [.., t, l, b, vector, c]
+        return _from_vectors(v, bits).reshape(*lead, n, k).astype(np.uint32)
     *lead, n, k = codes.shape
-    c = codes.astype(np.uint8)
-    if bits == 4:
-        c = c.reshape(*lead, n // LANES, LANES, k // 32, 2, 4, 4)  # [.., t, l, b, h, j, c]
-        c = c[..., 0, :, :] | (c[..., 1, :, :] << 4)  # [.., t, l, b, j, c]
-    else:
-        c = c.reshape(*lead, n // LANES, LANES, k // 32, 8, 4)  # [.., t, l, b, j, c]
-    c = np.ascontiguousarray(np.moveaxis(c, -4, -2))  # [.., t, b, j, l, c]
-    return c.reshape(*lead, n, -1).view("<u4").astype(np.uint32)
+    c = codes.astype(np.uint8).reshape(*lead, n // LANES, LANES, k // 32, 8, 4)  # [.., t, l, b, j, c]
+    v = _to_vectors(c, bits)  # [.., t, l, b, vector, c]
+    v = np.ascontiguousarray(np.moveaxis(v, -4, -2))  # [.., t, b, vector, l, c]
+    return v.reshape(*lead, n, -1).view("<u4").astype(np.uint32)
+
+
+def _to_vectors(c: np.ndarray, bits: int) -> np.ndarray:
+    """A block's codes [..., j (8), c (4)] → its vectors' bytes [..., bits, 4]."""
+    if bits == 8:
+        return c
+    if bits == 3:
+        high = np.bitwise_or.reduce((c >> 2) << np.arange(8, dtype=np.uint8)[:, None], axis=-2)  # bit j
+        return np.concatenate([_to_vectors(c & 3, 2), high[..., None, :]], axis=-2)
+    per = 8 // bits  # codes per byte: 4 bits → j = 4h + v, 2 bits → j = 2h + v; h the shift
+    c = c.reshape(*c.shape[:-2], per, bits, 4)  # [..., h, v, c]
+    return np.bitwise_or.reduce(c << (bits * np.arange(per, dtype=np.uint8))[:, None, None], axis=-3)
+
+
+def _from_vectors(v: np.ndarray, bits: int) -> np.ndarray:
+    """_to_vectors' inverse: [..., bits, 4] bytes → codes [..., 8, 4]."""
+    if bits == 8:
+        return v
+    if bits == 3:
+        high = (v[..., 2:3, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [..., 8, 4]
+        return _from_vectors(v[..., :2, :], 2) | (high << 2)
+    per = 8 // bits
+    c = (v[..., None, :, :] >> (bits * np.arange(per, dtype=np.uint8))[:, None, None]) & ((1 << bits) - 1)
+    return c.reshape(*v.shape[:-2], 8, 4)  # [..., h, v, c] → j = h·bits + v
 
 
 def _lanes16(codes: np.ndarray, per: int, inverse: bool = False) -> np.ndarray:

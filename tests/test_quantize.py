@@ -8,6 +8,7 @@ weight's) input per block of 32 exactly as the kernels do (quantize_activations 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -276,20 +277,20 @@ needs_int8_dot = pytest.mark.skipif(HOST.int8_dot is None, reason="this CPU has 
 HOST_DOTS = ["portable"] + {"vnni": ["vnni", "avx2"], "avx2": ["avx2"], None: []}[HOST.int8_dot]
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_vnni16_pack_roundtrip_and_tile_order(bits):
     codes = np.random.default_rng(bits).integers(0, 1 << bits, (2, 32, 96)).astype(np.uint32)
     packed = pack(codes, bits, "vnni16")
-    assert packed.shape == (2, 32, 96 * bits // 32)
+    assert packed.shape == (2, 32, 96 * bits // 32)  # densely packed, 3 bits too
     np.testing.assert_array_equal(unpack(packed, bits, 96, "vnni16"), codes)
-    # lane l of the first 64-byte vector of tile 1, block 2 holds row 16 + l, elements 64…67 (and 80…83)
-    vec = packed[0].reshape(-1)[(1 * 3 + 2) * bits * 16:][:16].astype("<u4").view(np.uint8).reshape(16, 4)
-    expect = codes[0, 16:32, 64:68]
-    if bits == 4:
-        np.testing.assert_array_equal(vec & 15, expect)
-        np.testing.assert_array_equal(vec >> 4, codes[0, 16:32, 80:84])
-    else:
-        np.testing.assert_array_equal(vec, expect)
+    # tile 1, block 2: its `bits` 64-byte vectors; lane l's 4 bytes belong to row 16 + l, and element
+    # 64 + 4j + c to byte c at the place the module docstring gives
+    vecs = packed[0].reshape(-1)[(1 * 3 + 2) * bits * 16:][:bits * 16].astype("<u4").view(np.uint8).reshape(bits, 16, 4)
+    for j in range(8):
+        at = {8: lambda: vecs[j], 4: lambda: vecs[j % 4] >> 4 * (j // 4) & 15,
+              2: lambda: vecs[j % 2] >> 2 * (j // 2) & 3,
+              3: lambda: (vecs[j % 2] >> 2 * (j // 2) & 3) | (vecs[2] >> j & 1) << 2}[bits]()
+        np.testing.assert_array_equal(at, codes[0, 16:32, 64 + 4 * j:68 + 4 * j])
 
 
 def test_act8_policy_picks_vnni16_only_where_the_kernels_apply():
@@ -302,11 +303,12 @@ def test_act8_policy_picks_vnni16_only_where_the_kernels_apply():
     assert p.spec_for("model.layers.1.mlp.experts.gate_up_proj", 64, 96).layout == "vnni16"
     assert p.spec_for("model.layers.1.mlp.experts.down_proj", 48, 64).layout != "vnni16"  # K = 48
     assert p.spec_for("model.layers.1.mlp.experts.gate_up_proj", 64).layout != "vnni16"  # rows unknown
-    assert p.spec_for("model.layers.0.mlp.up_proj.weight", 64, 64).layout != "vnni16"  # 2 bits
+    assert p.spec_for("model.layers.0.mlp.up_proj.weight", 64, 64).layout == "vnni16"  # 2 bits
+    assert QuantPolicy.parse("3", act_bits=8).spec_for("model.layers.0.mlp.up_proj.weight", 64, 64).layout == "vnni16"
     assert QuantPolicy.parse("4").spec_for("lm_head.weight", 128, 1024).layout == "lanes16"  # act_bits None
-    # an AVX2 target's dot takes 4-bit codes only: 8-bit weights keep float activations
-    assert p.spec_for("lm_head.weight", 64, 1024, int8_bits=(4,)).layout == "lanes16"
-    assert p.spec_for("model.layers.1.mlp.experts.gate_up_proj", 64, 96, int8_bits=(4,)).layout == "vnni16"
+    # an AVX2 target's dot takes codes of up to 4 bits: 8-bit weights keep float activations
+    assert p.spec_for("lm_head.weight", 64, 1024, int8_bits=(2, 3, 4)).layout == "lanes16"
+    assert p.spec_for("model.layers.1.mlp.experts.gate_up_proj", 64, 96, int8_bits=(2, 3, 4)).layout == "vnni16"
     assert p.spec_for("lm_head.weight", 64, 1024, int8_bits=()).layout == "lanes16"  # no int8 dot
 
 
@@ -321,7 +323,7 @@ def test_target_declares_its_int8_dot():
     assert int8_dot(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) is None
     cross = CpuTarget.from_spec("aarch64-linux-android")
     assert cross.int8_dot is None and cross.int8_weight_bits == ()
-    assert HOST.int8_weight_bits == {"vnni": (4, 8), "avx2": (4,), None: ()}[HOST.int8_dot]
+    assert HOST.int8_weight_bits == {"vnni": (2, 3, 4, 8), "avx2": (2, 3, 4), None: ()}[HOST.int8_dot]
 
 
 def _run(prim, *args, out_shape, target=None):
@@ -334,7 +336,7 @@ def _run(prim, *args, out_shape, target=None):
 
 
 @pytest.mark.parametrize("int8_dot", HOST_DOTS)
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group,symmetric", [(32, True), (64, False)])
 def test_vnni_kernels_match_numpy_reference(bits, group, symmetric, int8_dot):
     """linear_q_vnni = quantize_activations(x) · dequantize(W)ᵀ (1e-5 relative), for decode (M = 1)
@@ -352,7 +354,8 @@ def test_vnni_kernels_match_numpy_reference(bits, group, symmetric, int8_dot):
     w = rng.standard_normal((n, k)).astype(np.float32)
     parts = quantize(w, spec)
     wd = dequantize(parts, spec, k)
-    assert np.abs(wd - w).max() < 0.3  # the tile-transposed scales were read back in the right order
+    # the same values as the row layout's: the tile-transposed codes and scales were read back in order
+    np.testing.assert_array_equal(wd, dequantize(quantize(w, replace(spec, layout="row")), replace(spec, layout="row"), k))
     q = [parts[p] for p in ("qweight", "qscale", "qmin")]
     x = rng.standard_normal((9, k)).astype(np.float32)
     x[2, 32:64] = 0  # an all-zero block: dx = 0
@@ -446,6 +449,26 @@ def test_act8_moe_experts_take_int8_activations(moe_inter, tmp_path):
                 module.forward = partial(_experts_act8, module, False, False)
         assert rel_error(Session(tmp_path / "q").forward(list(PROMPT_IDS)),
                          float_experts(torch.tensor([PROMPT_IDS])).logits[0, -1]) > 10 * REL_TOL
+
+
+@needs_int8_dot
+@pytest.mark.parametrize("experts_bits", [2, 3])
+def test_act8_low_bit_experts_match_fake_quant_eager(experts_bits, tmp_path):
+    """The 300B recipe's 2- and 3-bit experts (`experts=2,attn=4`) on the int8 path too: the stacked
+    experts at 2 or 3 bits, attention and the dense / shared MLPs at 4, all in vnni16, against the
+    activation-quantizing reference (3 bits asymmetric: the offsets are read)."""
+    folder = make_checkpoint(tmp_path / "ckpt", dict(MOE_CONFIGS["e8-k2-s1-i2-st1"], moe_intermediate_size=64),
+                             moe=True)
+    text = f"experts={experts_bits},attn=4,mlp=4"
+    symmetric = experts_bits != 3
+    compile_model(CompileOptions(output=tmp_path / "q", model=str(folder), max_seq_len=64, bits=text,
+                                 symmetric=symmetric, act_bits="8"), log=lambda *_: None)
+    quantized = json.loads((tmp_path / "q" / "manifest.json").read_text())["weights"]["quantized"]
+    experts = {n: q for n, q in quantized.items() if ".experts." in n}
+    assert experts and {(q["bits"], q["layout"]) for q in experts.values()} == {(experts_bits, "vnni16")}
+    assert {(q["bits"], q["layout"]) for n, q in quantized.items() if ".experts." not in n} == {(4, "vnni16")}
+    policy = QuantPolicy.parse(text, symmetric=symmetric, act_bits=8)
+    _check_artifact(tmp_path / "q", _act8_reference(eager_model(folder), policy))
 
 
 def test_act_bits_resolution(tmp_path):

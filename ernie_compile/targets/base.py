@@ -43,7 +43,7 @@ class Target(ABC):
     # the int8 dot product of the int8-activation kernels (targets/cpu_vnni.DOTS), with which linears may
     # quantize their activations to int8: "vnni" (AVX-512 VNNI), "avx2" (AVX2 without VNNI), None: none
     int8_dot: str | None
-    int8_weight_bits: tuple[int, ...]  # weight bits that dot is exact for: (4, 8) "vnni", (4,) "avx2", () None
+    int8_weight_bits: tuple[int, ...]  # weight bits that dot is exact for: (2, 3, 4, 8) "vnni", (2, 3, 4) "avx2", () None
     max_binding_bytes: int | None  # largest weight buffer a kernel can bind; larger ones are split
     native_ops: frozenset  # fused ops with a kernel of the target's own: "silu_mul", "moe_route", "vision_attention"
     tunable: tuple[str, ...]  # kernels with schedule parameters (kernels.TUNABLE, compiler/tuning.py)

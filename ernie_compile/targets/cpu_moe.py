@@ -10,7 +10,7 @@ expert's weights for every one of its rows) on float activations. Here, as in cp
 - every row of x is quantized once per call to int8 per block of 32 along K (Q8_0-like,
   cpu_vnni._quantize_rows), and the dot products are cpu_vnni's int8 dots (`vpdpbusd` with VNNI)
   over the expert's 16-row tiles;
-- a loaded block of a tile (4 vectors at 4 bits, 8 at 8 bits) serves `tokens` rows of the expert
+- a loaded block of a tile (b vectors at b bits) serves `tokens` rows of the expert
   at once (the remainder in blocks of 4, 2, 1), so a prefill reads each tile once per token block,
   not once per row;
 - the parallel loop runs over (tile chunk, expert, tile in chunk) items, empty experts skipped:
@@ -44,11 +44,11 @@ def group_gemm_q_vnni(num_experts: int, n: int, k: int, spec, dtype: str = "floa
     32·j). Schedule parameters (TUNABLE): `tokens` rows share each loaded weight block; `prefetch`
     words ahead of the block being read (0: none; never past the item's run of tiles); `chunk`
     tiles per work item (falls back to the largest divisor of N/16 not above it). `int8_dot`: one of
-    cpu_vnni.DOTS, "vnni" (vpdpbusd, the CPU needs AVX-512 VNNI), "avx2" (4 bits only; vpmaddubsw +
+    cpu_vnni.DOTS, "vnni" (vpdpbusd, the CPU needs AVX-512 VNNI), "avx2" (up to 4 bits; vpmaddubsw +
     vpmaddwd) or "portable" (any CPU, slowly); all three compute the same integers."""
     bits, group, sdt = spec.bits, spec.group_size, spec.scale_dtype
-    if spec.layout != "vnni16" or bits not in (4, 8) or n % TILE or k % BLOCK or group % BLOCK:
-        raise ValueError(f"group_gemm_q_vnni: needs a 4- or 8-bit vnni16 spec, N % 16 == 0, K % 32 == 0 and "
+    if spec.layout != "vnni16" or bits not in (2, 3, 4, 8) or n % TILE or k % BLOCK or group % BLOCK:
+        raise ValueError(f"group_gemm_q_vnni: needs a 2-, 3-, 4- or 8-bit vnni16 spec, N % 16 == 0, K % 32 == 0 and "
                          f"groups of 32·j; got {spec}, N={n}, K={k}")
     if not 1 <= tokens <= 8:
         raise ValueError(f"group_gemm_q_vnni: tokens={tokens}; 1 … 8 (accumulators in registers)")

@@ -36,7 +36,7 @@ def _half(v, h: int):  # lanes 8h … 8h + 7 of a 16-lane vector
 def _dot_avx2(acc, w_u32x16, x_i32):
     """_dot_vnni with AVX2 (CPUs without VNNI, such as Zen 3): vpmaddubsw (u8 × s8, adjacent pairs
     summed into int16, saturating) then vpmaddwd by 1 (pairs of those into int32), per 8-lane half.
-    Exact for 4-bit codes only: a pair sums to at most 2 · 15 · 127; 8-bit codes could saturate."""
+    Exact for codes of up to 4 bits: a pair sums to at most 2 · 15 · 127; 8-bit codes could saturate."""
     halves = []
     for h in range(2):
         pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw",
@@ -60,7 +60,7 @@ def _dot_portable(acc, w_u32x16, x_i32):
 
 # int8 dot kind (Target.int8_dot) → (acc[16] += Σ of 4 u8 × s8 bytes per lane, the weight bits it is exact for).
 # All compute the same integers; "vnni" needs AVX-512 VNNI, "avx2" AVX2, "portable" nothing.
-DOTS = {"vnni": (_dot_vnni, (4, 8)), "avx2": (_dot_avx2, (4,)), "portable": (_dot_portable, (4, 8))}
+DOTS = {"vnni": (_dot_vnni, (2, 3, 4, 8)), "avx2": (_dot_avx2, (2, 3, 4)), "portable": (_dot_portable, (2, 3, 4, 8))}
 
 
 def dot_for(int8_dot: str, bits: int, kernel: str):
@@ -111,12 +111,20 @@ def _block_math(k: int, spec, dot):
     bits, group = spec.bits, spec.group_size
     groups, blocks = k // group, k // BLOCK
 
-    def code_vec(qwf, t, b, j):  # vector j of 8: 4 bytes per lane = 4 consecutive K of one row
+    def vec(qwf, t, b, v):  # the block's vector v: 16 words, one per row of the tile
+        return qwf[T.ramp(((t * blocks + b) * bits + v) * TILE, 1, TILE)]
+
+    def field(raw, shift: int, width: int):  # bits shift … shift + width − 1 of each byte
+        return T.bitwise_and(T.shift_right(raw, T.broadcast(T.uint32(shift), TILE)),
+                             T.broadcast(T.uint32(((1 << width) - 1) * 0x01010101), TILE))
+
+    def code_vec(qwf, t, b, j):  # codes of elements 4j … 4j + 3 of the block: byte c of lane l (quant.py)
         if bits == 8:
-            return qwf[T.ramp(((t * blocks + b) * 8 + j) * TILE, 1, TILE)]
-        raw = qwf[T.ramp(((t * blocks + b) * 4 + j % 4) * TILE, 1, TILE)]  # j ≥ 4: high nibbles
-        return T.bitwise_and(T.shift_right(raw, T.broadcast(T.cast(j // 4 * 4, "uint32"), TILE)),
-                             T.broadcast(T.uint32(0x0F0F0F0F), TILE))
+            return vec(qwf, t, b, j)
+        if bits == 3:  # low 2 bits as at 2 bits, the high one from vector 2's bit j
+            return T.bitwise_or(field(vec(qwf, t, b, j % 2), 2 * (j // 2), 2),
+                                T.shift_left(field(vec(qwf, t, b, 2), j, 1), T.broadcast(T.uint32(2), TILE)))
+        return field(vec(qwf, t, b, j % bits), bits * (j // bits), bits)  # 4 and 2 bits
 
     def block_dot(qwf, xq32, t, b, i):  # int32x16: Σ over block b of codes × xq, lane = row
         # two chains of 4 (low and high nibbles) to halve the dot's latency chain
@@ -143,8 +151,8 @@ def linear_q_vnni(n: int, k: int, spec, dtype: str = "float32", tokens: int = 4,
                   int8_dot: str = "vnni"):
     """y[M, N] = x̃[M, K] · dequant(W)ᵀ; W in the vnni16 layout, x̃ the int8-quantized x.
 
-    Parallel over tiles of 16 output rows. Each block of 32 along K: the tile's codes (4 vectors at
-    4 bits, 8 at 8 bits) are loaded and split into nibbles, then used for `tokens` rows of x at a
+    Parallel over tiles of 16 output rows. Each block of 32 along K: the tile's codes (b vectors at
+    b bits) are loaded and split into 8 vectors of byte codes, then used for `tokens` rows of x at a
     time (prefill), each with 8 int8 dots (`int8_dot`, one of DOTS: vpdpbusd for "vnni") into
     int32x16 accumulators that are scaled into the float32x16 one at the block's end. `prefetch`:
     how many uint32 words ahead of the block being read to prefetch (with weights streamed from
@@ -215,12 +223,21 @@ def take_q_vnni(vocab: int, dim: int, spec, dtype: str = "float32"):
     bits, group, sdt = spec.bits, spec.group_size, spec.scale_dtype
     words, groups, blocks = spec.words(dim), dim // group, dim // BLOCK
 
-    def word(r, c):
-        vec = (c % 32 % 16 // 4) if bits == 4 else (c % 32 // 4)
-        return ((r // TILE * blocks + c // BLOCK) * bits + vec) * TILE + r % TILE
+    def word(r, c, v):  # the word of row r's vector v in the block of element c
+        return ((r // TILE * blocks + c // BLOCK) * bits + v) * TILE + r % TILE
 
-    def shift(c):
-        return (c % 4 * 8 + c % 32 // 16 * 4) if bits == 4 else c % 4 * 8
+    def field(qwf, r, c, v, shift, width):  # bits shift … of byte c % 4 of that word
+        return T.bitwise_and(T.shift_right(qwf[word(r, c, v)], T.cast(c % 4 * 8 + shift, "uint32")),
+                             T.uint32((1 << width) - 1))
+
+    def code(qwf, r, c):  # element c of row r (the layouts: quant.py); j = c % 32 // 4
+        j = c % BLOCK // 4
+        if bits == 8:
+            return field(qwf, r, c, j, 0, 8)
+        if bits == 3:
+            return T.bitwise_or(field(qwf, r, c, j % 2, 2 * (j // 2), 2),
+                                T.shift_left(field(qwf, r, c, 2, j, 1), T.uint32(2)))
+        return field(qwf, r, c, j % bits, bits * (j // bits), bits)
 
     @T.prim_func(private=True)
     def cpu_take_q_vnni(var_ids: T.handle, qw: T.Buffer((vocab, words), "uint32"),
@@ -234,8 +251,7 @@ def take_q_vnni(vocab: int, dim: int, spec, dtype: str = "float32"):
         qmf = T.decl_buffer((vocab * groups,), sdt, data=qm.data)
         for i in range(t):
             for c in range(dim):
-                out[i, c] = (T.cast(T.bitwise_and(T.shift_right(qwf[word(ids[i], c)], T.cast(shift(c), "uint32")),
-                                                  T.uint32((1 << bits) - 1)), dtype)
+                out[i, c] = (T.cast(code(qwf, ids[i], c), dtype)
                              * T.cast(qsf[(ids[i] // TILE * groups + c // group) * TILE + ids[i] % TILE], dtype)
                              + T.cast(qmf[(ids[i] // TILE * groups + c // group) * TILE + ids[i] % TILE], dtype))
 
