@@ -29,10 +29,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(artifact: str, max_batch: int, prefill_chunk: int) -> tuple[subprocess.Popen, int]:
+def start_server(artifact: str, max_batch: int, prefill_chunk: int, flags=()) -> tuple[subprocess.Popen, int]:
+    """ernie-serve on a free port; `flags` come last (a repeated flag's last value counts)."""
     proc = subprocess.Popen([sys.executable, "-m", "ernie_compile.serve.cli", artifact, "--port", "0",
                              "--max-batch", str(max_batch), "--max-queue", str(4 * max_batch),
-                             "--prefill-chunk", str(prefill_chunk)],
+                             "--prefill-chunk", str(prefill_chunk), *flags],
                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()

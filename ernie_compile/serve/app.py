@@ -168,6 +168,8 @@ class Server:
                 choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            if finish is not None:
+                choice["token_ids"] = list(gen.req.tokens)  # the extension, as in a non-streamed choice
             body = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
             return f"data: {json.dumps(body)}\n\n"
 

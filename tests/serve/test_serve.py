@@ -102,12 +102,13 @@ def test_concurrent_greedy_equals_single_sequence(server, session):
 
 def test_streaming_matches_non_streaming_and_context_ends_in_length(server):
     kwargs = dict(model="tiny", prompt="Return the value", temperature=0)
-    whole = server.client.completions.create(max_tokens=10, **kwargs).choices[0].text
+    whole = server.client.completions.create(max_tokens=10, **kwargs).choices[0]
     stream = server.client.completions.create(max_tokens=10, stream=True, stream_options={"include_usage": True},
                                               **kwargs)
     chunks = list(stream)
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    last = [c.choices[0] for c in chunks if c.choices][-1]
+    assert last.finish_reason == "length" and last.token_ids == whole.token_ids  # the ids in the final chunk
     assert chunks[-1].usage.completion_tokens == 10
     # far more than the context holds: stops there, with "length"
     long = server.client.completions.create(model="tiny", prompt=list(range(3, 60)), max_tokens=500, temperature=0)
