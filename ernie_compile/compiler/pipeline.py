@@ -299,7 +299,10 @@ def _split(c: Compile) -> None:
 
 
 def _quantize(c: Compile) -> None:
-    c.mod, c.weights, report = quantize_weights.run(c.mod, c.weights, c.policy, c.target)
+    config = c.loaded.model.config
+    text = getattr(config, "text_config", config)  # the VL model's text half holds its experts
+    c.mod, c.weights, report = quantize_weights.run(c.mod, c.weights, c.policy, c.target, tuner=c.tuner,
+                                                    top_k=getattr(text, "moe_k", None) or 1)
     c.reports.append(report)
 
 

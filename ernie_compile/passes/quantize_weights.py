@@ -28,11 +28,12 @@ NAME = "quantize_weights"
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, quantized: dict, kernels: KernelTable, target):
+    def __init__(self, mod, quantized: dict, kernels: KernelTable, target, schedule):
         super().__init__(mod)
         self.quantized = quantized  # weight Var → (spec, (qw, qs, qm) Vars)
         self.kernels = kernels
         self.target, self.make = target, target.kernels
+        self.schedule = schedule  # (kernel name, key fields) → its schedule parameters
         self.sites = 0
 
     def visit_call_(self, call):
@@ -117,8 +118,11 @@ class _Rewriter(relax.PyExprMutator):
         dtype = x.ty.dtype
         idx = expert_ids.ty.dtype
         name = f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{self._layout(spec)}_{e}x{n}x{k}_{dtype}_{idx}"
-        gv = self.kernels.get(name,
-                              lambda: self.make.group_gemm_q(e, n, k, spec, dtype, index_dtype=idx, **self._dot(spec)))
+        # the int8 kernel's tokens / prefetch / chunk: the tuning database's best where it has them
+        params = self.schedule("moe_group_gemm_q_vnni", {"shape": [e, n, k], "dtype": str(dtype), "quant": spec.as_dict(),
+                                                         "index_dtype": str(idx)}) if spec.layout == "vnni16" else {}
+        gv = self.kernels.get(name, lambda: self.make.group_gemm_q(e, n, k, spec, dtype, index_dtype=idx,
+                                                                    **self._dot(spec), **params))
         self.sites += 1
         return relax.call_tir(gv, [x, indptr, expert_ids, *parts], call.ty)
 
@@ -128,12 +132,21 @@ def _part_vars(record: WeightRecord) -> tuple[relax.Var, ...]:
 
 
 def run(mod: tvm.IRModule, weights: list[WeightRecord], policy: QuantPolicy, target,
-        functions=None) -> tuple[tvm.IRModule, list[WeightRecord], PassReport]:
+        functions=None, tuner=None, top_k: int = 1) -> tuple[tvm.IRModule, list[WeightRecord], PassReport]:
     """Returns the module, the new weight records (aligned with the step functions' weight inputs),
     and the report: matched = readers rewritten per step function, expected = readers of those
-    weights. `target` (targets/base.py) builds the dequantizing kernels and says which layouts they read."""
+    weights. `target` (targets/base.py) builds the dequantizing kernels and says which layouts they read.
+    `tuner` (compiler/tuning.py) gives the schedule parameters of the target's tunable kernels among
+    them (the MoE experts' grouped GEMM, whose measurements route `top_k` rows per token)."""
     report = PassReport(NAME)
     kernels = KernelTable()
+
+    def schedule(kernel: str, fields: dict) -> dict:
+        tunable = getattr(target.kernels, "TUNABLE", {}).get(kernel)
+        if tunable is None or tuner is None or kernel not in target.tunable:
+            return {}
+        fields = dict(fields, shape=[*fields["shape"], top_k])
+        return tuner.params(tunable, {"target": str(target.tvm), "kernel": kernel, **fields})
 
     def replace(var, w: WeightRecord):
         shape = w.shape
@@ -147,7 +160,7 @@ def run(mod: tvm.IRModule, weights: list[WeightRecord], policy: QuantPolicy, tar
 
     mod, new_weights, report.matched = rewrite_weight_inputs(
         mod, weights, functions, NAME, "float weights", replace,
-        lambda m, quantized: _Rewriter(m, quantized, kernels, target))
+        lambda m, quantized: _Rewriter(m, quantized, kernels, target, schedule))
     report.expected = report.matched
     kernels.add_to(mod)
     return mod, new_weights, report

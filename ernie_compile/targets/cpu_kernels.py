@@ -18,6 +18,8 @@ import math
 import numpy as np
 from tvm.script import tirx as T
 
+from .cpu_moe import TUNABLE as MOE_TUNABLE, group_gemm_q_vnni
+
 LOG2E = math.log2(math.e)
 # 2**f on |f| <= 1/2: 1 + f·P(f), P's coefficients highest power first (Cephes' exp2f)
 EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
@@ -269,17 +271,15 @@ def group_gemm(num_experts: int, n: int, k: int, dtype: str, index_dtype: str = 
     return moe_group_gemm
 
 def group_gemm_q(num_experts: int, n: int, k: int, spec, dtype: str = "float32", index_dtype: str = "int64",
-                 int8_dot: str | None = None):
+                 int8_dot: str | None = None, **schedule):
     """group_gemm over quantized expert weights (ernie_compile/quant.py, per expert and row). lanes16
     rows are dequantized in registers inside each row's dot product; other layouts dequantize a
     weight row once into a buffer and reuse it for the expert's rows. Experts with empty segments
     are neither read nor dequantized. "vnni16" weights: int8 activations and `int8_dot` dot products
-    (targets/cpu_moe.py), as linear_q."""
+    (targets/cpu_moe.py, with its `schedule` parameters: TUNABLE), as linear_q."""
     if spec.layout == "vnni16":
-        from .cpu_moe import group_gemm_q_vnni
-
         return group_gemm_q_vnni(num_experts, n, k, spec, dtype, index_dtype,
-                                 int8_dot=_needs_dot(int8_dot, "group_gemm_q"))
+                                 int8_dot=_needs_dot(int8_dot, "group_gemm_q"), **schedule)
     per, words, groups, sdt = spec.per_word, spec.words(k), k // spec.group_size, spec.scale_dtype
     vw = vector_width(k)
     lanes16 = spec.layout == "lanes16"
@@ -366,7 +366,8 @@ def _linear_inputs(key: dict, m: int, rng):
     return [rng.standard_normal((m, k)).astype(key["dtype"]), rng.standard_normal((n, k)).astype(key["dtype"]),
             np.zeros((m, n), key["dtype"])]
 
-# Kernels with schedule parameters (compiler/tuning.py): space, default, validity, build, inputs.
+# Kernels with schedule parameters (compiler/tuning.py): space, default, validity, build, inputs;
+# and the MoE experts' int8 grouped GEMM, whose entry is targets/cpu_moe.py's.
 TUNABLE = {
     "linear": {
         "space": {"ib": [2, 4, 6], "jb": [1, 2, 4, 8]},
@@ -375,4 +376,5 @@ TUNABLE = {
         "build": lambda key, p: linear(*key["shape"], key["dtype"], **p),
         "inputs": _linear_inputs,
     },
+    **MOE_TUNABLE,
 }

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DENSE_CONFIGS, PROMPT_IDS, eager_model, make_checkpoint, rel_error, run_cli
+from conftest import DENSE_CONFIGS, MOE_CONFIGS, PROMPT_IDS, eager_model, make_checkpoint, rel_error, run_cli
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
 from ernie_compile.compiler.tuning import FORMAT, TuningDB, _space
 from ernie_compile.runtime import Session
 from ernie_compile.targets import cpu_kernels
+from ernie_compile.targets.cpu import CpuTarget
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,31 @@ def test_bad_database_and_cross_target_tuning_are_one_line_errors(tmp_path):
     proc = run_cli("ernie_compile.cli", "--tune", "--target", "webgpu", "-o", str(tmp_path / "o3"), check=False)
     assert proc.returncode == 2 and "no kernels with schedule parameters" in proc.stderr
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+@pytest.mark.skipif(CpuTarget.from_spec(None).int8_dot is None, reason="this CPU has no int8 dot")
+def test_moe_kernel_knobs_come_from_the_database(tmp_path, monkeypatch):
+    """The experts' int8 grouped GEMM (targets/cpu_moe.py) is tuned like the linears: its keys carry
+    [E, N, K, top_k] and the quant spec, the best candidate's tokens / prefetch / chunk reach the
+    kernel, and the tuned artifact computes what the default one does."""
+    from ernie_compile.compiler import tuning
+    from ernie_compile.targets import cpu_moe
+
+    folder = make_checkpoint(tmp_path / "ckpt", dict(MOE_CONFIGS["e8-k2-s1-i2-st1"], moe_intermediate_size=64),
+                             moe=True)
+    default = _compile(folder, tmp_path / "default", None, bits="4")
+    assert "tuning" not in default or default["tuning"] is None
+    # a deterministic stand-in objective: the smallest parameters win (not the defaults)
+    monkeypatch.setattr(tuning, "measure", lambda tunable, key, p: 1.0 + sum(p.values()) / 1e4)
+    built = []
+    real = cpu_kernels.group_gemm_q_vnni
+    monkeypatch.setattr(cpu_kernels, "group_gemm_q_vnni", lambda *a, **kw: built.append(kw) or real(*a, **kw))
+    db = tmp_path / "db.jsonl"
+    _compile(folder, tmp_path / "tuned", db, bits="4", tune=True)
+    moe = [r["key"] for r in _lines(db)[1:] if r["key"]["kernel"] == "moe_group_gemm_q_vnni"]
+    assert moe and {k["shape"][-1] for k in moe} == {2} and {k["quant"]["layout"] for k in moe} == {"vnni16"}
+    assert {k["shape"][0] for k in moe} == {8}  # experts
+    assert built and all((kw["tokens"], kw["prefetch"], kw["chunk"]) == (2, 0, 4) for kw in built)
+    assert cpu_moe.TUNABLE["moe_group_gemm_q_vnni"]["default"] != {"tokens": 2, "prefetch": 0, "chunk": 4}
+    a, b = Session(tmp_path / "default"), Session(tmp_path / "tuned")
+    assert rel_error(b.forward(PROMPT_IDS), torch.from_numpy(a.forward(PROMPT_IDS))) < 1e-5
