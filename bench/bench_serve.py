@@ -10,6 +10,12 @@ the span in which every stream is decoding (no prefill in the steps). Prints a m
 
     ernie-compile --model ernie-4.5-0.3b --bits 4 -o /tmp/03b
     python bench/bench_serve.py /tmp/03b --streams 1 2 4 8 16 --max-tokens 64 --prompt-len 32
+
+With --llama-server BIN --gguf FILE, llama.cpp's server runs beside ours (`-np` = the largest
+concurrency, 2 threads, continuous batching) and each level alternates between the two servers, rep
+by rep, with the same prompts. For the same weights, save the HF folder ours was compiled from and
+convert it with ../shared/tools/llamacpp_peer.sh (its Q4_0 GGUF); llama-server itself builds from the
+llama.cpp source that script fetches (cmake --target llama-server).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import argparse
 import http.client
 import json
 import queue
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +51,30 @@ def start_server(artifact: str, max_batch: int, prefill_chunk: int, flags=()) ->
             return proc, int(line.rsplit(":", 1)[1])
 
 
+def start_llama_server(binary: str, gguf: str, slots: int, ctx_per_slot: int) -> tuple[subprocess.Popen, int]:
+    """llama.cpp's server on a free port, `slots` parallel sequences of ctx_per_slot tokens each."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+                             "-c", str(slots * ctx_per_slot), "-t", "2", "-tb", "2", "--cont-batching"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode}")
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("llama-server did not become healthy in 300 s")
+
+
 def stream(port: int, prompt: list[int], max_tokens: int, start: threading.Barrier, out: dict) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -62,10 +93,11 @@ def stream(port: int, prompt: list[int], max_tokens: int, start: threading.Barri
         data = json.loads(line[6:])
         if data.get("usage"):
             tokens = data["usage"]["completion_tokens"]
-        elif data["choices"] and data["choices"][0]["text"]:
-            times.append(time.perf_counter())  # a text delta: usually one token (held-back text merges some)
+        if data.get("choices") and data["choices"][0].get("finish_reason") is None:
+            # a delta: one token (llama-server; ours may merge a few whose text it held back)
+            times.append(time.perf_counter())
     conn.close()
-    out.update(t0=t0, times=times, tokens=tokens)
+    out.update(t0=t0, times=times, tokens=tokens or len(times))
 
 
 def level(port: int, n: int, vocab: int, prompt_len: int, max_tokens: int, seed: int) -> dict:
@@ -103,26 +135,43 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--prefill-chunk", type=int, default=64)
     p.add_argument("--reps", type=int, default=1, help="runs per level; the median decode tok/s row is kept")
+    p.add_argument("--llama-server", help="llama.cpp's llama-server binary: measured beside ours")
+    p.add_argument("--gguf", help="the GGUF llama-server loads (same weights as the artifact)")
     p.add_argument("--json")
     args = p.parse_args()
+    if bool(args.llama_server) != bool(args.gguf):
+        p.error("--llama-server and --gguf go together")
     manifest = json.loads((Path(args.artifact) / "manifest.json").read_text())
     vocab = min(manifest["vocab_size"], 30000)
-    proc, port = start_server(args.artifact, max(args.streams), args.prefill_chunk)
+    servers = {"ernie-serve": start_server(args.artifact, max(args.streams), args.prefill_chunk)}
     rows = []
     try:
-        level(port, 1, vocab, args.prompt_len, 8, seed=99)  # warm-up
+        if args.llama_server:
+            servers["llama-server"] = start_llama_server(args.llama_server, args.gguf, max(args.streams),
+                                                         args.prompt_len + args.max_tokens + 64)
+        for _, port in servers.values():
+            level(port, 1, vocab, args.prompt_len, 8, seed=99)  # warm-up
         for n in args.streams:
-            runs = [level(port, n, vocab, args.prompt_len, args.max_tokens, seed=n * 100 + r)
-                    for r in range(args.reps)]
-            rows.append(sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2])
-            print(json.dumps(rows[-1]), flush=True)
+            runs = {name: [] for name in servers}
+            for r in range(args.reps):  # alternating: both servers see the machine in the same state
+                for name, (_, port) in servers.items():
+                    runs[name].append(level(port, n, vocab, args.prompt_len, args.max_tokens, seed=n * 100 + r))
+            for name, rs in runs.items():
+                rows.append({"server": name, **sorted(rs, key=lambda r: r["decode_tok_s"])[len(rs) // 2]})
+                print(json.dumps(rows[-1]), flush=True)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(60)
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    if len(servers) > 1:
+        by = {(r["server"], r["streams"]): r for r in rows}
+        print("\nernie-serve / llama-server, aggregate decode tok/s: " + ", ".join(
+            f"{n} streams {by['ernie-serve', n]['decode_tok_s'] / by['llama-server', n]['decode_tok_s']:.2f}×"
+            for n in args.streams))
     if args.json:
         Path(args.json).write_text(json.dumps({"artifact": args.artifact, "options": vars(args), "rows": rows}, indent=1))
 

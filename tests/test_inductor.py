@@ -78,6 +78,10 @@ def test_prefill_and_decode_logits_match_eager(artifact):
         logits = session.forward([token])
         with torch.no_grad():
             assert rel_error(logits, ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL, f"decode at {len(seq)}"
+    session.reset()
+    session.prefill_chunk = 3  # the prompt in steps of 3: each prefill continues the cache at its offset
+    with torch.no_grad():
+        assert rel_error(session.forward(seq), ref(torch.tensor([seq])).logits[0, -1]) <= REL_TOL
 
 
 def test_greedy_32_tokens_python_api(artifact):

@@ -8,9 +8,10 @@ import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 
-from conftest import PROMPT_IDS
+from conftest import PROMPT_IDS, rel_error
 from ernie_compile.compiler.options import CompileOptions
 from ernie_compile.compiler.pipeline import compile_model
 from ernie_compile.errors import UserError
@@ -74,6 +75,28 @@ def test_embedded_default_matches_eager(tiny):
         expected = ref.generate(torch.tensor([PROMPT_IDS]), do_sample=False, max_new_tokens=16,
                                 min_new_tokens=16)[0, len(PROMPT_IDS):].tolist()
     assert Session(tiny).generate(PROMPT_IDS, 16, stop_at_eos=False).tokens == expected
+
+
+def test_long_prompts_run_in_bounded_steps(tiny, monkeypatch):
+    """A prompt longer than prefill_chunk runs as several prefill steps of at most that many tokens,
+    each continuing the cache at its offset; the logits and greedy tokens match transformers'."""
+    import torch
+
+    from ernie_compile.compiler.load import load_preset
+    from ernie_compile.runtime import Session
+
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, 1000, 40)]
+    ref = load_preset("ernie-tiny").model
+    ref.set_attn_implementation("eager")
+    session = Session(tiny)
+    steps = []
+    step = session.engine.step
+    monkeypatch.setattr(session.engine, "step", lambda ids, start: steps.append((len(ids), start)) or step(ids, start))
+    session.prefill_chunk = 16
+    with torch.no_grad():
+        want = ref(torch.tensor([prompt])).logits[0, -1]
+    assert rel_error(session.forward(prompt), want) <= 1e-4
+    assert steps == [(16, 0), (16, 16), (8, 32)]
 
 
 def test_sampling_is_seeded_and_valid(tiny):

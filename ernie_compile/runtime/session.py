@@ -95,6 +95,8 @@ class Session:
     """An artifact loaded for generation. `artifact` is its folder, or the Manifest that
     runtime/artifact.py's load_manifest returned for it (ernie-run: read and verified once)."""
 
+    prefill_chunk = 512  # tokens per prefill step (forward)
+
     def __init__(self, artifact: str | Path | Manifest, verify: bool = True):
         manifest = artifact if isinstance(artifact, Manifest) else load_manifest(artifact, verify=verify)
         self.manifest = manifest
@@ -129,7 +131,11 @@ class Session:
         self.rope_delta = 0  # the VL model's: positions after an image run this far from the cache slots
 
     def forward(self, ids: list[int]) -> np.ndarray:
-        """Append `ids` to the sequence; return the logits after its last token, [V] float32."""
+        """Append `ids` to the sequence; return the logits after its last token, [V] float32. A long
+        prompt runs in steps of at most `prefill_chunk` tokens: a step's activations (the MoE's
+        T·k expert rows, the MLP's [T, I]) and the VM's pooled buffers grow with its tokens, so
+        bounded steps keep a long prompt's memory that of a short one, at the price of re-reading the
+        weights once per chunk (at 512 tokens, a small share of the prefill's time)."""
         n = len(ids)
         if n == 0:
             raise UserError("empty prompt")
@@ -137,10 +143,12 @@ class Session:
             raise UserError(f"sequence of {self.length + n} tokens exceeds this artifact's max_seq_len "
                             f"{self.max_seq_len} (compile with a larger --max-seq-len)")
         self._check_vocabulary(ids)
-        # (only the TVM engine runs VL artifacts, the one engine whose step takes a position offset)
-        logits = self._engine.step(ids, self.length, self.rope_delta) if self.rope_delta else \
-            self._engine.step(ids, self.length)
-        self.length += n
+        for i in range(0, n, self.prefill_chunk):
+            chunk = ids[i:i + self.prefill_chunk]
+            # (only the TVM engine runs VL artifacts, the one engine whose step takes a position offset)
+            logits = self._engine.step(chunk, self.length, self.rope_delta) if self.rope_delta else \
+                self._engine.step(chunk, self.length)
+            self.length += len(chunk)
         return logits
 
     def _check_vocabulary(self, ids: list[int]) -> None:
