@@ -438,7 +438,7 @@ def test_act8_moe_experts_take_int8_activations(moe_inter, tmp_path):
     assert {q["layout"] for n, q in quantized.items() if n.endswith("experts.gate_up_proj")} == {"vnni16"}
     assert {q["layout"] for n, q in quantized.items() if n.endswith("experts.down_proj")} == \
         {"vnni16" if moe_inter == 64 else "row"}
-    assert quantized["model.layers.1.mlp.shared_experts.up_proj.weight"]["layout"] == "vnni16"
+    assert quantized["model.layers.1.mlp.shared_experts.gate_up_proj.weight"]["layout"] == "vnni16"  # fused
     assert report["passes"]["quantize_weights"]["matched"] > 0
     policy = QuantPolicy.parse("4", act_bits=8)
     _check_artifact(tmp_path / "q", _act8_reference(eager_model(folder), policy))

@@ -1,20 +1,23 @@
-"""Fuse the gate and up projections of each dense MLP into one matmul over one weight.
+"""Fuse the gate and up projections of each dense MLP, and of each MoE layer's shared experts, into
+one matmul over one weight.
 
-Capture side (torch): each dense layer's MLP forward is swapped for one that hands its input and
-its own gate/up weights to `torch.ops.ernie.gated_mlp` and keeps its own down_proj:
+Capture side (torch): each dense layer's MLP forward, and each MoE block's `shared_experts` MLP
+(transformers' same gated MLP class, run by the block beside the routed experts), is swapped for one
+that hands its input and its own gate/up weights to `torch.ops.ernie.gated_mlp` and keeps its own
+down_proj:
 
     before:  down_proj(act(gate_proj(x)) * up_proj(x))
-    after:   down_proj(ernie.gated_mlp(x, Wg, Wu, layer, act))
+    after:   down_proj(ernie.gated_mlp(x, Wg, Wu, name, act))      name: the fused weight's
 
 The op's eager reference uses transformers' own activation table (ACT2FN).
 
 Lower side (Relax): Wg|Wu become one weight, concatenated once at package time (the artifact's
-`mlp.gate_up_proj.weight`), so a decode step streams one [2I, C] matrix in one kernel launch instead
-of two [I, C] ones (and quantizes the activations once):
+`mlp.gate_up_proj.weight`, `mlp.shared_experts.gate_up_proj.weight`), so a decode step streams one
+[2I, C] matrix in one kernel launch instead of two [I, C] ones (and quantizes the activations once):
 
     after:   h = x @ Wgate_upᵀ → silu(h[..., :I]) * h[..., I:]
 
-MoE layers (experts and shared experts) keep their own route (fuse_moe_routing.py); so do MLPs
+The routed experts keep their own route (fuse_moe_routing.py, fuse_modality_moe.py); so do MLPs
 with biases or an activation other than SiLU, which no ERNIE 4.5 config has.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ OP_NAME = "gated_mlp.default"
 
 
 @torch.library.custom_op("ernie::gated_mlp", mutates_args=())
-def gated_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, layer: int, act: str) -> torch.Tensor:
+def gated_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, name: str, act: str) -> torch.Tensor:
     """Eager reference. x [B, T, C] → act(x·Wgᵀ) · (x·Wuᵀ) [B, T, I]."""
     from transformers.activations import ACT2FN
 
@@ -36,18 +39,25 @@ def gated_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, layer: int, a
 
 
 @gated_mlp.register_fake
-def _(x, wg, wu, layer, act):
+def _(x, wg, wu, name, act):
     return x.new_empty(*x.shape[:-1], wg.shape[0])
 
 
-def _dense_mlps(model) -> list[tuple[int, torch.nn.Module]]:
-    """(layer index, MLP) of every decoder layer whose MLP is a plain gated one without biases."""
+def _gated(mlp) -> bool:
+    return all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")) and \
+        mlp.gate_proj.bias is None and mlp.up_proj.bias is None
+
+
+def _gated_mlps(model) -> list[tuple[str, torch.nn.Module]]:
+    """(fused weight name, MLP) of every decoder layer's MLP that is a plain gated one without
+    biases, and of every MoE block's shared experts that are."""
     out = []
     for i, layer in enumerate(decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)
-        if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")) and \
-                mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
-            out.append((i, mlp))
+        if _gated(mlp):
+            out.append((f"model.layers.{i}.mlp.gate_up_proj.weight", mlp))
+        elif _gated(getattr(mlp, "shared_experts", None)):
+            out.append((f"model.layers.{i}.mlp.shared_experts.gate_up_proj.weight", mlp.shared_experts))
     return out
 
 
@@ -63,15 +73,18 @@ def _dense_layers(config) -> int:
 
 
 def expected_sites(config) -> int:
+    """Dense layers, plus the MoE layers when the config gives them shared experts."""
     config = config.get_text_config()
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "use_bias", False):
         return 0
-    return _dense_layers(config)
+    dense = _dense_layers(config)
+    shared = getattr(config, "moe_num_shared_experts", 0) or 0
+    return dense + (config.num_hidden_layers - dense if shared else 0)
 
 
-def _fused_forward(mlp, layer: int, act: str):
+def _fused_forward(mlp, name: str, act: str):
     def forward(x):
-        return mlp.down_proj(torch.ops.ernie.gated_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, layer, act))
+        return mlp.down_proj(torch.ops.ernie.gated_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, name, act))
 
     return forward
 
@@ -79,8 +92,8 @@ def _fused_forward(mlp, layer: int, act: str):
 def install(model) -> PassReport:
     act = model.config.get_text_config().hidden_act
     report = PassReport(NAME, expected=expected_sites(model.config))
-    for layer, mlp in _dense_mlps(model):
-        mlp.forward = _fused_forward(mlp, layer, act)
+    for name, mlp in _gated_mlps(model):
+        mlp.forward = _fused_forward(mlp, name, act)
         report.matched += 1
     return report
 
@@ -94,8 +107,8 @@ def converter(report: PassReport, ctx):
     def convert(node, importer):
         bb, op = importer.block_builder, relax.op
         x, wg, wu = (importer.env[a] for a in node.args[:3])
-        layer, inter = int(node.args[3]), int(wg.ty.shape[0])
-        w = ctx.concat_params(f"model.layers.{layer}.mlp.gate_up_proj.weight", [wg, wu])
+        name, inter = str(node.args[3]), int(wg.ty.shape[0])
+        w = ctx.concat_params(name, [wg, wu])
         h = bb.emit(op.matmul(x, op.permute_dims(w)))  # [B, T, 2I]
         report.matched += 1
         if "silu_mul" in ctx.target.native_ops:
