@@ -120,7 +120,8 @@ class _Rewriter(relax.PyExprMutator):
         name = f"moe_group_gemm_q{spec.bits}g{spec.group_size}_{self._layout(spec)}_{e}x{n}x{k}_{dtype}_{idx}"
         # the int8 kernel's tokens / prefetch / chunk: the tuning database's best where it has them
         params = self.schedule("moe_group_gemm_q_vnni", {"shape": [e, n, k], "dtype": str(dtype), "quant": spec.as_dict(),
-                                                         "index_dtype": str(idx)}) if spec.layout == "vnni16" else {}
+                                                         "index_dtype": str(idx), **self._dot(spec)}) \
+            if spec.layout == "vnni16" else {}
         gv = self.kernels.get(name, lambda: self.make.group_gemm_q(e, n, k, spec, dtype, index_dtype=idx,
                                                                     **self._dot(spec), **params))
         self.sites += 1

@@ -181,14 +181,15 @@ def _group_gemm_inputs(key: dict, m: int, rng):
 
 
 # Kernels with schedule parameters (compiler/tuning.py; as cpu_kernels.TUNABLE). Key: "shape" is
-# [E, N, K, top_k] (top_k: how the tuner's m tokens become rows), "quant" the spec's as_dict().
+# [E, N, K, top_k] (top_k: how the tuner's m tokens become rows), "quant" the spec's as_dict(),
+# "int8_dot" the target's dot (the kernel a measurement builds must be the one the target runs).
 TUNABLE = {
     "moe_group_gemm_q_vnni": {
         "space": {"tokens": [2, 4, 6, 8], "prefetch": [0, 1024, 2048, 4096], "chunk": [4, 8, 16]},
         "default": {"tokens": TOKENS, "prefetch": PREFETCH, "chunk": CHUNK},
         "valid": lambda key, p: key["quant"]["layout"] == "vnni16",
         "build": lambda key, p: group_gemm_q_vnni(*key["shape"][:3], _spec(key["quant"]), key["dtype"],
-                                                  key.get("index_dtype", "int64"), **p),
+                                                  key.get("index_dtype", "int64"), int8_dot=key["int8_dot"], **p),
         "inputs": _group_gemm_inputs,
     },
 }
