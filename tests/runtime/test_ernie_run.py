@@ -88,8 +88,11 @@ sys.exit(main(sys.argv[2:]))
 
 @pytest.mark.parametrize("sig,word", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")])
 def test_ctrl_c_and_sigterm_end_in_one_line(tiny_artifact, sig, word):
+    # as from a terminal: a shell without job control starts background jobs with SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt (the suite run with `&` had failed that way)
     proc = subprocess.run([sys.executable, "-c", SIGNAL_MID_RUN, str(int(sig)), str(tiny_artifact), "--prompt-ids",
-                           IDS, "--max-new-tokens", "20", "--ignore-eos"], capture_output=True, text=True)
+                           IDS, "--max-new-tokens", "20", "--ignore-eos"], capture_output=True, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == USER_ERROR_EXIT and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"ernie-run: error: {word} ({sig.name if sig == signal.SIGTERM else 'Ctrl-C'})"]
 
