@@ -105,6 +105,17 @@ def _quantize_rows(k: int):
     return quantize_rows
 
 
+def _code_parts(bits: int, j):
+    """Where the codes of a block's elements 4j … 4j + 3 live (the vnni16 layouts, quant.py), as
+    (vector, shift, width, place) parts: bits shift … shift + width − 1 of each byte of the block's
+    vector, which are bits place … of the code. `j` a Python int or a TIR expression."""
+    if bits == 8:
+        return [(j, 0, 8, 0)]
+    if bits == 3:  # the low 2 bits as at 2 bits, the high one from vector 2's bit j
+        return [(j % 2, 2 * (j // 2), 2, 0), (2, j, 1, 2)]
+    return [(j % bits, bits * (j // bits), bits, 0)]  # 4 and 2 bits
+
+
 def _block_math(k: int, spec, dot):
     """The arithmetic of one block of 32 along K of a 16-row tile `t` (the tile's index in the whole
     [rows, K] vnni16 weight): (block_dot, block_term) for the kernels' tile loops."""
@@ -118,13 +129,15 @@ def _block_math(k: int, spec, dot):
         return T.bitwise_and(T.shift_right(raw, T.broadcast(T.uint32(shift), TILE)),
                              T.broadcast(T.uint32(((1 << width) - 1) * 0x01010101), TILE))
 
-    def code_vec(qwf, t, b, j):  # codes of elements 4j … 4j + 3 of the block: byte c of lane l (quant.py)
+    def code_vec(qwf, t, b, j):  # codes of elements 4j … 4j + 3 of the block: byte c of lane l
         if bits == 8:
             return vec(qwf, t, b, j)
-        if bits == 3:  # low 2 bits as at 2 bits, the high one from vector 2's bit j
-            return T.bitwise_or(field(vec(qwf, t, b, j % 2), 2 * (j // 2), 2),
-                                T.shift_left(field(vec(qwf, t, b, 2), j, 1), T.broadcast(T.uint32(2), TILE)))
-        return field(vec(qwf, t, b, j % bits), bits * (j // bits), bits)  # 4 and 2 bits
+        out = None
+        for v, shift, width, place in _code_parts(bits, j):
+            part = field(vec(qwf, t, b, v), shift, width)
+            part = T.shift_left(part, T.broadcast(T.uint32(place), TILE)) if place else part
+            out = part if out is None else T.bitwise_or(out, part)
+        return out
 
     def block_dot(qwf, xq32, t, b, i):  # int32x16: Σ over block b of codes × xq, lane = row
         # two chains of 4 (low and high nibbles) to halve the dot's latency chain
@@ -230,14 +243,13 @@ def take_q_vnni(vocab: int, dim: int, spec, dtype: str = "float32"):
         return T.bitwise_and(T.shift_right(qwf[word(r, c, v)], T.cast(c % 4 * 8 + shift, "uint32")),
                              T.uint32((1 << width) - 1))
 
-    def code(qwf, r, c):  # element c of row r (the layouts: quant.py); j = c % 32 // 4
-        j = c % BLOCK // 4
-        if bits == 8:
-            return field(qwf, r, c, j, 0, 8)
-        if bits == 3:
-            return T.bitwise_or(field(qwf, r, c, j % 2, 2 * (j // 2), 2),
-                                T.shift_left(field(qwf, r, c, 2, j, 1), T.uint32(2)))
-        return field(qwf, r, c, j % bits, bits * (j // bits), bits)
+    def code(qwf, r, c):  # element c of row r
+        out = None
+        for v, shift, width, place in _code_parts(bits, c % BLOCK // 4):
+            part = field(qwf, r, c, v, shift, width)
+            part = T.shift_left(part, T.uint32(place)) if place else part
+            out = part if out is None else T.bitwise_or(out, part)
+        return out
 
     @T.prim_func(private=True)
     def cpu_take_q_vnni(var_ids: T.handle, qw: T.Buffer((vocab, words), "uint32"),
