@@ -190,7 +190,7 @@ class Scheduler:
             req = self._queue.popleft()
             parent, common = self._longest_cached_prefix(req.prompt)
             sid = self._slot(keep=parent)
-            if parent is not None and parent.sid not in self._kept and parent not in self._active:
+            if parent is not None and parent.sid == sid:
                 parent, common = None, 0  # the only kept sequence was the parent: its slot is needed
             seq = _Seq(req, sid)
             try:
