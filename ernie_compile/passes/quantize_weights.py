@@ -143,11 +143,10 @@ def run(mod: tvm.IRModule, weights: list[WeightRecord], policy: QuantPolicy, tar
     kernels = KernelTable()
 
     def schedule(kernel: str, fields: dict) -> dict:
-        tunable = getattr(target.kernels, "TUNABLE", {}).get(kernel)
-        if tunable is None or tuner is None or kernel not in target.tunable:
+        if tuner is None or kernel not in target.tunable:  # target.tunable: its kernels' TUNABLE names
             return {}
         fields = dict(fields, shape=[*fields["shape"], top_k])
-        return tuner.params(tunable, {"target": str(target.tvm), "kernel": kernel, **fields})
+        return tuner.params(target.kernels.TUNABLE[kernel], {"target": str(target.tvm), "kernel": kernel, **fields})
 
     def replace(var, w: WeightRecord):
         shape = w.shape
