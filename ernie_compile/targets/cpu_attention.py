@@ -133,6 +133,29 @@ def fused_rope(num_q_heads: int, num_kv_heads: int, head_dim: int, theta: float,
 
 
 
+def _page_macros(page_size: int, d: int, dtype: str):
+    """_attention_macros over the cache's pages ([page, 2, kv head, slot, d]: keys then values), a
+    softmax block per page, with `attend_pages`: one query row over the first `keys` cached keys of
+    a sequence whose pages are values[first …]. Both page kernels (decode, prefill over earlier pages)
+    walk a sequence's pages this way."""
+    start, attend_block, end = _attention_macros(page_size, d, dtype, lambda pages, page, h, j, c: pages[page, 0, h, j, c],
+                                                 lambda pages, page, h, j, c: pages[page, 1, h, j, c])
+
+    @T.macro
+    def attend_pages(o, acc, s, state, q, q_row, q_head, pages, values, first, keys, kv_head, sm_scale):
+        for pg in range((keys + page_size - 1) // page_size):  # every page full but the last
+            attend_block(o, acc, s, state, q, q_row, q_head, pages, pages, values[first + pg], kv_head,
+                         T.min(page_size, keys - pg * page_size), sm_scale)
+
+    return start, attend_pages, end
+
+
+def _cached_keys(page_indptr, last_page_len, b, page_size: int):
+    """How many keys sequence b has in the cache: its full pages and its last page's slots."""
+    return T.if_then_else(page_indptr[b + 1] > page_indptr[b],
+                          (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + last_page_len[b], 0)
+
+
 def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str = "float32",
                            page_size: int = 16):
     """Decode attention over TVM's paged KV cache, for the cache's `tir_attention_decode_cpu` slot:
@@ -140,8 +163,7 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
     lanes over head_dim, a softmax block per page. RoPE is already in the cache (our
     RopeMode.NORMAL), so rotary_mode is ignored; no sliding window."""
     group, d, vw = num_qo_heads // num_kv_heads, head_dim, vector_width(head_dim)
-    start, attend_block, end = _attention_macros(page_size, d, dtype, lambda pages, page, h, j, c: pages[page, 0, h, j, c],
-                                                 lambda pages, page, h, j, c: pages[page, 1, h, j, c])
+    start, attend_pages, end = _page_macros(page_size, d, dtype)
 
     @T.prim_func(private=True)
     def batch_decode_paged_kv(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
@@ -173,13 +195,10 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
             s = T.decl_buffer((page_size,), "float32")
             state = T.decl_buffer((4,), "float32")
             start(o, state)
-            for pg in range(page_table_indptr[bh // num_qo_heads + 1] - page_table_indptr[bh // num_qo_heads]):
-                # a page is full but the sequence's last one
-                attend_block(o, acc, s, state, Q, bh // num_qo_heads, bh % num_qo_heads, pages, pages,
-                             page_table_values[page_table_indptr[bh // num_qo_heads] + pg], bh % num_qo_heads // group,
-                             T.if_then_else(pg + 1 == page_table_indptr[bh // num_qo_heads + 1]
-                                            - page_table_indptr[bh // num_qo_heads],
-                                            last_page_len[bh // num_qo_heads], page_size), sm_scale)
+            attend_pages(o, acc, s, state, Q, bh // num_qo_heads, bh % num_qo_heads, pages, page_table_values,
+                         page_table_indptr[bh // num_qo_heads],
+                         _cached_keys(page_table_indptr, last_page_len, bh // num_qo_heads, page_size),
+                         bh % num_qo_heads // group, sm_scale)
             end(o, state, output, lse, bh // num_qo_heads, bh % num_qo_heads)
 
     return batch_decode_paged_kv
@@ -250,8 +269,7 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     TVM's calling convention and lse (base 2), for the cache to merge with the ragged kernel's.
     RoPE is already in the cache (RopeMode.NORMAL): rotary_mode is ignored; no sliding window."""
     group, d, vw = num_qo_heads // num_kv_heads, head_dim, vector_width(head_dim)
-    start, attend_block, end = _attention_macros(page_size, d, dtype, lambda pages, page, h, j, c: pages[page, 0, h, j, c],
-                                                 lambda pages, page, h, j, c: pages[page, 1, h, j, c])
+    start, attend_pages, end = _page_macros(page_size, d, dtype)
 
     @T.prim_func(private=True)
     def batch_prefill_paged_kv(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
@@ -288,14 +306,11 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
                 state = T.decl_buffer((4,), "float32")
                 keys = T.decl_buffer((2,), "int32")  # the sequence's cached keys; those the row sees
                 start(o, state)
-                keys[0] = T.if_then_else(page_indptr[b + 1] > page_indptr[b],
-                                         (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + last_page_len[b], 0)
+                keys[0] = _cached_keys(page_indptr, last_page_len, b, page_size)
                 keys[1] = T.if_then_else(causal > 0, T.min(keys[0], keys[0] - (q_indptr[b + 1] - q_indptr[b])
                                                            + task // num_qo_heads + 1), keys[0])
-                for pg in range((keys[1] + page_size - 1) // page_size):
-                    attend_block(o, acc, s, state, q, q_indptr[b] + task // num_qo_heads, task % num_qo_heads,
-                                 pages, pages, page_values[page_indptr[b] + pg], task % num_qo_heads // group,
-                                 T.min(page_size, keys[1] - pg * page_size), sm_scale)
+                attend_pages(o, acc, s, state, q, q_indptr[b] + task // num_qo_heads, task % num_qo_heads, pages,
+                             page_values, page_indptr[b], keys[1], task % num_qo_heads // group, sm_scale)
                 end(o, state, output, lse, q_indptr[b] + task // num_qo_heads, task % num_qo_heads)
 
     return batch_prefill_paged_kv
