@@ -344,8 +344,8 @@ def test_vnni_kernels_match_numpy_reference(bits, group, symmetric, int8_dot):
     one: the same integers in plain vector arithmetic); take_q_vnni = dequantize(W) rows exactly."""
     from ernie_compile.targets.cpu_vnni import DOTS, linear_q_vnni, take_q_vnni
 
-    if bits not in DOTS[int8_dot][1]:
-        pytest.skip(f"the {int8_dot} dot is exact for {DOTS[int8_dot][1]}-bit codes only")
+    if bits not in DOTS[int8_dot].bits:
+        pytest.skip(f"the {int8_dot} dot is exact for {DOTS[int8_dot].bits}-bit codes only")
     n, k = 48, 192
     spec = QuantPolicy.parse(str(bits), group_size=group, symmetric=symmetric, act_bits=8).spec_for(
         "model.layers.0.mlp.up_proj.weight", k, n)

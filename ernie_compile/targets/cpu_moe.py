@@ -57,11 +57,12 @@ def group_gemm_q_vnni(num_experts: int, n: int, k: int, spec, dtype: str = "floa
     chunk = _largest_divisor(tiles, chunk)
     tile_words = blocks * bits * TILE  # one tile's run in qweight
     quantize_rows = _quantize_rows(k)
-    block_dot, block_term = _block_math(k, spec, dot_for(int8_dot, bits, "group_gemm_q_vnni"))
+    make_update = _block_math(k, spec, dot_for(int8_dot, bits, "group_gemm_q_vnni"))
 
     def make_tile(tb: int):
         """Rows i0 … i0 + tb − 1 of y's tile t (global tile te) over all K; `end_w`: where the item's
         run of tiles ends in qweight (prefetches stop there: the next item's run is elsewhere)."""
+        update = make_update(tb)
 
         @T.macro
         def tile(qwf, qsf, qmf, xq32, dx, sx, y, te, t, i0, end_w):
@@ -78,9 +79,7 @@ def group_gemm_q_vnni(num_experts: int, n: int, k: int, spec, dtype: str = "floa
                         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                             qsf[(te * groups + b * BLOCK // group) * TILE + prefetch * BLOCK // (bits * group)]),
                             T.int32(0), T.int32(3), T.int32(1)))  # offsets: read only if asymmetric
-                for ii in T.unroll(tb):
-                    accf[ii, T.ramp(0, 1, TILE)] = accf[ii, T.ramp(0, 1, TILE)] + block_term(
-                        qsf, qmf, dx, sx, te, b, i0 + ii, T.cast(block_dot(qwf, xq32, te, b, i0 + ii), "float32x16"))
+                update(qwf, qsf, qmf, xq32, dx, sx, accf, te, b, i0)
             for ii in T.unroll(tb):
                 for v in T.vectorized(TILE):
                     y[i0 + ii, t * TILE + v] = T.cast(accf[ii, v], dtype)

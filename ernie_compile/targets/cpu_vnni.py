@@ -14,6 +14,9 @@ arithmetic around it (_block_math) is shared with the MoE grouped GEMM (targets/
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -29,23 +32,6 @@ def _dot_vnni(acc, w_u32x16, x_i32):
                                    T.reinterpret("int8x64", T.broadcast(x_i32, 16)))
 
 
-def _half(v, h: int):  # lanes 8h … 8h + 7 of a 16-lane vector
-    return tirx.Shuffle([v], [tirx.IntImm("int32", 8 * h + i) for i in range(8)])
-
-
-def _dot_avx2(acc, w_u32x16, x_i32):
-    """_dot_vnni with AVX2 (CPUs without VNNI, such as Zen 3): vpmaddubsw (u8 × s8, adjacent pairs
-    summed into int16, saturating) then vpmaddwd by 1 (pairs of those into int32), per 8-lane half.
-    Exact for codes of up to 4 bits: a pair sums to at most 2 · 15 · 127; 8-bit codes could saturate."""
-    halves = []
-    for h in range(2):
-        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw",
-                                        T.reinterpret("uint8x32", _half(w_u32x16, h)),
-                                        T.reinterpret("int8x32", T.broadcast(x_i32, 8)))
-        halves.append(T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16)))
-    return acc + tirx.Shuffle(halves, [tirx.IntImm("int32", i) for i in range(TILE)])
-
-
 def _dot_portable(acc, w_u32x16, x_i32):
     """_dot_vnni in plain int32 vector arithmetic, exactly: per lane, Σ over the 4 bytes c of
     u8(w byte c) × s8(x byte c). Any LLVM target builds it (slowly): the tests run the kernels'
@@ -58,18 +44,42 @@ def _dot_portable(acc, w_u32x16, x_i32):
     return acc
 
 
-# int8 dot kind (Target.int8_dot) → (acc[16] += Σ of 4 u8 × s8 bytes per lane, the weight bits it is exact for).
-# All compute the same integers; "vnni" needs AVX-512 VNNI, "avx2" AVX2, "portable" nothing.
-DOTS = {"vnni": (_dot_vnni, (2, 3, 4, 8)), "avx2": (_dot_avx2, (2, 3, 4)), "portable": (_dot_portable, (2, 3, 4, 8))}
+def _half(v, h: int):  # lanes 8h … 8h + 7 of a 16-lane vector
+    return tirx.Shuffle([v], [tirx.IntImm("int32", 8 * h + i) for i in range(8)])
 
 
-def dot_for(int8_dot: str, bits: int, kernel: str):
-    """The dot function of kind `int8_dot` for `bits`-bit codes; a ValueError where it is not exact."""
+def _pairs_avx2(w_u32x16, x_i32, h: int):
+    """AVX2's vpmaddubsw on lanes 8h … 8h + 7: per lane, the two adjacent byte pairs of u8 codes ×
+    s8 activations summed, as int16x16 (the caller sums those per lane: _block_math)."""
+    return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.reinterpret("uint8x32", _half(w_u32x16, h)),
+                                   T.reinterpret("int8x32", T.broadcast(x_i32, 8)))
+
+
+@dataclass(frozen=True)
+class Dot:
+    """An int8 dot product of the kernels: either `dot` (acc[16] += per lane, Σ of 4 u8 code bytes ×
+    4 s8 activation bytes) or `pairs` (int16 pair sums per 8-lane half, summed in int16 per block
+    and widened once); `bits`: the code widths it is exact for."""
+    bits: tuple
+    dot: Callable | None = None
+    pairs: Callable | None = None
+
+
+# int8 dot kind (Target.int8_dot) → Dot. All compute the same integers; "vnni" needs AVX-512 VNNI
+# (vpdpbusd), "avx2" AVX2 (CPUs without VNNI, such as Zen 3), "portable" nothing. AVX2's pairs are
+# exact for codes of up to 4 bits: a lane sums 8 pairs per block, at most 8 · 2 · 15 · 127 = 30480
+# < 2^15 (|xq| ≤ 127); 8-bit codes would overflow.
+DOTS = {"vnni": Dot((2, 3, 4, 8), dot=_dot_vnni), "avx2": Dot((2, 3, 4), pairs=_pairs_avx2),
+        "portable": Dot((2, 3, 4, 8), dot=_dot_portable)}
+
+
+def dot_for(int8_dot: str, bits: int, kernel: str) -> Dot:
+    """The Dot of kind `int8_dot` for `bits`-bit codes; a ValueError where it is not exact."""
     if int8_dot not in DOTS:
         raise ValueError(f"{kernel}: int8_dot={int8_dot!r}; one of {', '.join(DOTS)}")
-    dot, exact_bits = DOTS[int8_dot]
-    if bits not in exact_bits:
-        raise ValueError(f"{kernel}: int8_dot={int8_dot!r} is exact for {exact_bits}-bit codes only, not {bits}")
+    dot = DOTS[int8_dot]
+    if bits not in dot.bits:
+        raise ValueError(f"{kernel}: int8_dot={int8_dot!r} is exact for {dot.bits}-bit codes only, not {bits}")
     return dot
 
 
@@ -116,9 +126,10 @@ def _code_parts(bits: int, j):
     return [(j % bits, bits * (j // bits), bits, 0)]  # 4 and 2 bits
 
 
-def _block_math(k: int, spec, dot):
-    """The arithmetic of one block of 32 along K of a 16-row tile `t` (the tile's index in the whole
-    [rows, K] vnni16 weight): (block_dot, block_term) for the kernels' tile loops."""
+def _block_math(k: int, spec, dot: Dot):
+    """make_update(tb): a TIR macro adding block b (32 along K) of rows i0 … i0 + tb − 1 into the
+    float32 accumulators accf[tb, 16] of the 16-row tile `t` (the tile's index in the whole
+    [rows, K] vnni16 weight). Shared by the dense and the MoE kernels' tile loops."""
     bits, group = spec.bits, spec.group_size
     groups, blocks = k // group, k // BLOCK
 
@@ -139,16 +150,25 @@ def _block_math(k: int, spec, dot):
             out = part if out is None else T.bitwise_or(out, part)
         return out
 
+    def x4(xq32, b, i, j):  # activations 4j … 4j + 3 of row i's block b, as one int32
+        return xq32[(i * blocks + b) * 8 + j]
+
     def block_dot(qwf, xq32, t, b, i):  # int32x16: Σ over block b of codes × xq, lane = row
-        # two chains of 4 (low and high nibbles) to halve the dot's latency chain
+        # two chains of 4 (elements 0–15 and 16–31) to halve the dot's latency chain
         lo = T.broadcast(T.int32(0), TILE)
         hi = T.broadcast(T.int32(0), TILE)
         for j in range(4):
-            lo = dot(lo, code_vec(qwf, t, b, j), xq32[(i * blocks + b) * 8 + j])
-            hi = dot(hi, code_vec(qwf, t, b, j + 4), xq32[(i * blocks + b) * 8 + j + 4])
+            lo = dot.dot(lo, code_vec(qwf, t, b, j), x4(xq32, b, i, j))
+            hi = dot.dot(hi, code_vec(qwf, t, b, j + 4), x4(xq32, b, i, j + 4))
         return lo + hi
 
-    def block_term(qsf, qmf, dx, sx, t, b, i, idot):  # float32x16: block b's share of y[i, tile], idot its block_dot
+    def widen(acc16, r):  # int32x16 from the int16 pair sums of row r's two halves (vpmaddwd by 1)
+        return tirx.Shuffle([T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", acc16[2 * r + h, T.ramp(0, 1, 16)],
+                                                     T.broadcast(T.int16(1), 16)) for h in range(2)],
+                            [tirx.IntImm("int32", i) for i in range(TILE)])
+
+    def block_term(qsf, qmf, dx, sx, t, b, i, idot):  # float32x16: block b's share of y[i, tile], idot its integer dot
+        idot = T.cast(idot, "float32x16")
         scale = T.cast(qsf[T.ramp((t * groups + b * BLOCK // group) * TILE, 1, TILE)], "float32x16")
         if spec.symmetric:  # the offset is −2^(b−1) · scale exactly: 10% fewer bytes read at 4 bits
             return scale * (idot * T.broadcast(dx[i * blocks + b], TILE)
@@ -157,7 +177,40 @@ def _block_math(k: int, spec, dot):
                 + T.cast(qmf[T.ramp((t * groups + b * BLOCK // group) * TILE, 1, TILE)], "float32x16")
                 * T.broadcast(sx[i * blocks + b], TILE))
 
-    return block_dot, block_term
+    def make_update(tb: int):
+        if dot.pairs is None:
+            @T.macro
+            def update(qwf, qsf, qmf, xq32, dx, sx, accf, t, b, i0):
+                for ii in T.unroll(tb):
+                    accf[ii, T.ramp(0, 1, TILE)] = accf[ii, T.ramp(0, 1, TILE)] + block_term(
+                        qsf, qmf, dx, sx, t, b, i0 + ii, block_dot(qwf, xq32, t, b, i0 + ii))
+
+            return update
+
+        # Pair sums: one code vector at a time (j outer), into int16 accumulators per row and half
+        # (acc16, in registers) widened once per block. In this order the live set is the 2·tb
+        # accumulators, tb activation broadcasts and one code vector (16 AVX2 registers at tb = 4);
+        # row-outer kept the block's 16 code halves live and spilled them (M = 8 linears on the
+        # 0.3b: 1.33× the row-outer vpmaddwd-per-vpmaddubsw kernel, interleaved minima).
+        @T.macro
+        def update(qwf, qsf, qmf, xq32, dx, sx, accf, t, b, i0):
+            acc16 = T.decl_buffer((2 * tb, 16), "int16")  # default scope, 256 B at tb = 4: a stack slot
+            for j in T.unroll(8):
+                for ii in T.unroll(tb):
+                    acc16[2 * ii, T.ramp(0, 1, 16)] = T.if_then_else(j == 0, T.broadcast(T.int16(0), 16),
+                                                                     acc16[2 * ii, T.ramp(0, 1, 16)]) + dot.pairs(
+                        code_vec(qwf, t, b, j), x4(xq32, b, i0 + ii, j), 0)
+                for ii in T.unroll(tb):
+                    acc16[2 * ii + 1, T.ramp(0, 1, 16)] = T.if_then_else(j == 0, T.broadcast(T.int16(0), 16),
+                                                                         acc16[2 * ii + 1, T.ramp(0, 1, 16)]) + dot.pairs(
+                        code_vec(qwf, t, b, j), x4(xq32, b, i0 + ii, j), 1)
+            for ii in T.unroll(tb):
+                accf[ii, T.ramp(0, 1, TILE)] = accf[ii, T.ramp(0, 1, TILE)] + block_term(
+                    qsf, qmf, dx, sx, t, b, i0 + ii, widen(acc16, ii))
+
+        return update
+
+    return make_update
 
 
 def linear_q_vnni(n: int, k: int, spec, dtype: str = "float32", tokens: int = 4, prefetch: int = PREFETCH,
@@ -175,9 +228,11 @@ def linear_q_vnni(n: int, k: int, spec, dtype: str = "float32", tokens: int = 4,
     words, groups, blocks = spec.words(k), k // group, k // BLOCK
     tiles = n // TILE
     quantize_rows = _quantize_rows(k)
-    block_dot, block_term = _block_math(k, spec, dot_for(int8_dot, bits, "linear_q_vnni"))
+    make_update = _block_math(k, spec, dot_for(int8_dot, bits, "linear_q_vnni"))
 
     def make_tile(tb: int):
+        update = make_update(tb)
+
         @T.macro
         def tile(qwf, qsf, qmf, xq32, dx, sx, y, t, i0):
             accf = T.decl_buffer((tb, TILE), "float32")  # default scope and < 1 KiB: a stack slot (cpu_kernels.py)
@@ -191,9 +246,7 @@ def linear_q_vnni(n: int, k: int, spec, dtype: str = "float32", tokens: int = 4,
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                         qsf[(t * groups + b * BLOCK // group) * TILE + prefetch * BLOCK // (bits * group)]),
                         T.int32(0), T.int32(3), T.int32(1)))
-                for ii in T.unroll(tb):
-                    accf[ii, T.ramp(0, 1, TILE)] = accf[ii, T.ramp(0, 1, TILE)] + block_term(
-                        qsf, qmf, dx, sx, t, b, i0 + ii, T.cast(block_dot(qwf, xq32, t, b, i0 + ii), "float32x16"))
+                update(qwf, qsf, qmf, xq32, dx, sx, accf, t, b, i0)
             for ii in T.unroll(tb):
                 for v in T.vectorized(TILE):
                     y[i0 + ii, t * TILE + v] = T.cast(accf[ii, v], dtype)
