@@ -12,7 +12,12 @@ Every other line is one measured candidate:
      "params": {…}, "seconds": s}
 `seconds` is the objective: per token, for a 64-token prompt then 64 decoded tokens,
 (t(M = 64) + 64 · t(M = 1)) / 128 — decode and prefill share one kernel on the CPU — each t a
-median of cold-cache runs (weights read from memory, as in the model).
+median of cold-cache runs (weights read from memory, as in the model). A candidate whose measurement
+failed (its build or run raised, killed its process or ran past MEASURE_TIMEOUT) is kept with
+"seconds": null and its "error", so that it is neither retried nor chosen.
+
+Measurements run in a child process (TVM's PopenWorker, as MetaSchedule's builders and runners do):
+a candidate that aborts LLVM or faults takes that process down, not the compile.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ from ..errors import UserError
 FORMAT = {"format": "ernie-compile-tuning", "version": 1}
 PROMPT, DECODE = 64, 64
 FLUSH_BYTES = 256 << 20  # more than any CPU's last-level cache
+MEASURE_TIMEOUT = 600.0  # seconds for one candidate's build and runs (the 0.3b's largest: ~10 s here)
+FAILED = float("inf")  # a failed candidate's objective: never the best
 
 
 def _canon(obj) -> str:
@@ -61,21 +68,25 @@ class TuningDB:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         continue
-                    db.trials.setdefault(_canon(rec["key"]), {})[_canon(rec["params"])] = float(rec["seconds"])
+                    seconds = FAILED if rec["seconds"] is None else float(rec["seconds"])
+                    db.trials.setdefault(_canon(rec["key"]), {})[_canon(rec["params"])] = seconds
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"--tuning-db {path}: not an ernie-compile tuning database ({e})") from None
         return db
 
-    def add(self, key: dict, params: dict, seconds: float) -> None:
-        self.trials.setdefault(_canon(key), {})[_canon(params)] = seconds
+    def add(self, key: dict, params: dict, seconds: float | None, error: str | None = None) -> None:
+        """One trial; `seconds` None: it failed with `error`."""
+        self.trials.setdefault(_canon(key), {})[_canon(params)] = FAILED if seconds is None else seconds
+        rec = {"key": key, "params": params, "seconds": seconds} | ({"error": error} if error else {})
         with self.path.open("a") as f:  # one line per trial, flushed: resumable after an interruption
-            f.write(_canon({"key": key, "params": params, "seconds": seconds}) + "\n")
+            f.write(_canon(rec) + "\n")
 
     def measured(self, key: dict) -> dict[str, float]:
         return self.trials.get(_canon(key), {})
 
     def best(self, key: dict) -> dict | None:
-        done = self.measured(key)
+        """The fastest candidate measured for `key`; None if none was (or every one failed)."""
+        done = {p: t for p, t in self.measured(key).items() if t != FAILED}
         return json.loads(min(done, key=done.get)) if done else None
 
     def sha256(self) -> str:
@@ -92,7 +103,7 @@ class Tuner:
     max_trials: int | None = None  # measurements in this compile; None: no limit
     max_seconds: float | None = None
     log: object = print
-    stats: dict = field(default_factory=lambda: {"searched": 0, "reused": 0, "default": 0})
+    stats: dict = field(default_factory=lambda: {"searched": 0, "failed": 0, "reused": 0, "default": 0})
     _start: float = field(default_factory=time.perf_counter)
 
     def _budget_left(self) -> bool:
@@ -112,7 +123,12 @@ class Tuner:
             for c in todo:
                 if not self._budget_left():
                     break
-                self.db.add(key, c, measure(tunable, key, c))
+                try:
+                    self.db.add(key, c, measure(tunable, key, c))
+                except MeasureFailed as e:
+                    self.log(f"  tuning {key['kernel']} {key['shape']} {_canon(c)}: failed ({e}); skipped")
+                    self.db.add(key, c, None, str(e))
+                    self.stats["failed"] += 1
                 self.stats["searched"] += 1
         else:
             self.stats["reused" if done else "default"] += 1
@@ -130,8 +146,36 @@ def _space(space: dict) -> list[dict]:
     return [dict(zip(names, values)) for values in itertools.product(*(space[n] for n in names))]
 
 
+class MeasureFailed(Exception):
+    """A candidate's measurement did not finish: the reason, in one line."""
+
+
+_worker = None  # the child process measurements run in, started at the first one
+
+
 def measure(tunable: dict, key: dict, params: dict) -> float:
-    """The objective (module docstring) of one candidate on this machine, median of repeats."""
+    """The objective (module docstring) of one candidate on this machine, measured in the child
+    process; MeasureFailed if the build or the runs raised, the child died (it restarts for the next
+    candidate) or it ran past MEASURE_TIMEOUT."""
+    global _worker
+    from tvm.support.popen_pool import PopenWorker
+
+    if _worker is None:
+        _worker = PopenWorker()
+    _worker.send(_measure_here, (tunable, key, params), timeout=MEASURE_TIMEOUT)
+    try:
+        return _worker.recv()
+    except ChildProcessError:
+        _worker.kill()
+        raise MeasureFailed("the measuring process died (a crash in the build or the kernel)") from None
+    except TimeoutError:
+        raise MeasureFailed(f"not done in {MEASURE_TIMEOUT:.0f} s") from None
+    except Exception as e:  # raised in the child, carried back
+        raise MeasureFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _measure_here(tunable: dict, key: dict, params: dict) -> float:
+    """measure's work, in the process that runs it, median of repeats."""
     import numpy as np
     import tvm
 

@@ -122,3 +122,32 @@ def test_moe_kernel_knobs_come_from_the_database(tmp_path, monkeypatch):
     assert cpu_moe.TUNABLE["moe_group_gemm_q_vnni"]["default"] != {"tokens": 2, "prefetch": 0, "chunk": 4}
     a, b = Session(tmp_path / "default"), Session(tmp_path / "tuned")
     assert rel_error(b.forward(PROMPT_IDS), torch.from_numpy(a.forward(PROMPT_IDS))) < 1e-5
+
+
+def _crash_on_ib6(build):
+    """A build that kills its process for ib = 6, as an LLVM abort does."""
+    import os
+
+    return lambda key, p: os.abort() if p["ib"] == 6 else build(key, p)
+
+
+def test_a_candidate_that_kills_its_process_costs_only_itself(tmp_path):
+    """Measurements run in a child process: a candidate whose build aborts is recorded as failed
+    (seconds null, its error) and never chosen; the others are measured by the restarted child and
+    the best comes from them; a second search retries none."""
+    from ernie_compile.compiler.tuning import Tuner
+
+    tunable = dict(cpu_kernels.TUNABLE["linear"], space={"ib": [4, 6], "jb": [1]})
+    tunable["build"] = _crash_on_ib6(tunable["build"])
+    key = {"target": str(CpuTarget.from_spec(None).tvm), "kernel": "linear", "shape": [32, 64],
+           "dtype": "float32", "quant": None}
+    db, logs = tmp_path / "db.jsonl", []
+    tuner = Tuner(TuningDB.open(db), search=True, log=logs.append)
+    assert tuner.params(tunable, key) == {"ib": 4, "jb": 1}
+    records = {r["params"]["ib"]: r for r in _lines(db)[1:]}
+    assert records[6]["seconds"] is None and "died" in records[6]["error"]
+    assert records[4]["seconds"] > 0 and "error" not in records[4]
+    assert tuner.stats["searched"] == 2 and tuner.stats["failed"] == 1
+    assert any("failed" in line and '"ib":6' in line for line in logs)
+    again = Tuner(TuningDB.open(db), search=True, log=logs.append)
+    assert again.params(tunable, key) == {"ib": 4, "jb": 1} and again.stats["searched"] == 0
