@@ -10,11 +10,13 @@ tokens.
 """
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 from .cpu_kernels import LOG2E, exp2, vector_width
 
 BLOCK = 16  # keys per softmax block in prefill; decode's block is the cache's page
+KEYS = 4  # keys scored together: one accumulator chain each (acc[KEYS, lanes])
 
 
 def _attention_macros(block: int, d: int, dtype: str, key, value):
@@ -22,7 +24,7 @@ def _attention_macros(block: int, d: int, dtype: str, key, value):
     `attend_block` per block of up to `block` keys, then `end`. Only where the keys live differs:
     key(buf, base, head, j, c) and value(...) read element c of key / value j of the block at `base`.
 
-    o[d] is the running output, acc[lanes] a dot product's lanes, s[block] the block's scores in
+    o[d] is the running output, acc[KEYS, lanes] the lanes of KEYS keys' dot products, s[block] the block's scores in
     log2 units (-5e4 where there is no key), then its weights; state = [running max, denominator,
     block max, rescale]."""
     vw = vector_width(d)
@@ -34,21 +36,41 @@ def _attention_macros(block: int, d: int, dtype: str, key, value):
         state[0] = T.float32(-5e4)
         state[1] = T.float32(0)
 
+    def lane_sum(acc, r):  # Σ of acc[r]'s lanes, halving the vector each step (a serial sum of 16 was
+        v = acc[r, T.ramp(0, 1, vw)] if vw > 1 else acc[r, 0]  # the decode kernel's longest chain)
+        width = vw
+        while width > 1:
+            width //= 2
+            v = (tirx.Shuffle([v], [tirx.IntImm("int32", i) for i in range(width)])
+                 + tirx.Shuffle([v], [tirx.IntImm("int32", width + i) for i in range(width)]))
+        return v
+
+    def make_scores(keys: int):
+        @T.macro
+        def scores(acc, s, q, q_row, q_head, kbuf, base, head, j0, sm_scale):  # s[j0 …] of `keys` keys
+            for jj in T.unroll(keys):
+                for lane in T.vectorized(vw):
+                    acc[jj, lane] = T.float32(0)
+            for c in range(d // vw):
+                for jj in T.unroll(keys):  # independent accumulator chains, one per key
+                    for lane in T.vectorized(vw):
+                        acc[jj, lane] = acc[jj, lane] + T.cast(q[q_row, q_head, c * vw + lane], "float32") * T.cast(
+                            key(kbuf, base, head, j0 + jj, c * vw + lane), "float32")
+            for jj in T.unroll(keys):
+                s[j0 + jj] = lane_sum(acc, jj) * sm_scale * T.float32(LOG2E)
+
+        return scores
+
+    scores_many, scores_one = make_scores(KEYS), make_scores(1)
+
     @T.macro
     def attend_block(o, acc, s, state, q, q_row, q_head, kbuf, vbuf, base, head, n, sm_scale):
         for j in T.vectorized(block):
             s[j] = T.float32(-5e4)
-        for j in range(n):
-            for lane in T.vectorized(vw):
-                acc[lane] = T.float32(0)
-            for c in range(d // vw):
-                for lane in T.vectorized(vw):
-                    acc[lane] = acc[lane] + T.cast(q[q_row, q_head, c * vw + lane], "float32") * T.cast(
-                        key(kbuf, base, head, j, c * vw + lane), "float32")
-            s[j] = T.float32(0)
-            for lane in range(vw):
-                s[j] = s[j] + acc[lane]
-            s[j] = s[j] * sm_scale * T.float32(LOG2E)
+        for jo in range(n // KEYS):
+            scores_many(acc, s, q, q_row, q_head, kbuf, base, head, jo * KEYS, sm_scale)
+        for j in range(n - n % KEYS, n):
+            scores_one(acc, s, q, q_row, q_head, kbuf, base, head, j, sm_scale)
         # online softmax over blocks: new max, the keys' weights, the rescale of what came before
         state[2] = state[0]
         for j in range(block):
@@ -191,7 +213,7 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
         lse = T.match_buffer(lse_handle, (B, num_qo_heads), "float32")
         for bh in T.parallel(B * num_qo_heads):
             o = T.decl_buffer((d,), "float32")
-            acc = T.decl_buffer((vw,), "float32")
+            acc = T.decl_buffer((KEYS, vw), "float32")
             s = T.decl_buffer((page_size,), "float32")
             state = T.decl_buffer((4,), "float32")
             start(o, state)
@@ -241,7 +263,7 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
         for b in range(batch_size):
             for task in T.parallel((q_indptr[b + 1] - q_indptr[b]) * num_qo_heads):
                 o = T.decl_buffer((d,), "float32")
-                acc = T.decl_buffer((vw,), "float32")
+                acc = T.decl_buffer((KEYS, vw), "float32")
                 s = T.decl_buffer((BLOCK,), "float32")
                 state = T.decl_buffer((4,), "float32")
                 keys = T.decl_buffer((1,), "int32")  # keys the row sees (causal: up to its own position)
@@ -301,7 +323,7 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
         for b in range(batch_size):
             for task in T.parallel((q_indptr[b + 1] - q_indptr[b]) * num_qo_heads):
                 o = T.decl_buffer((d,), "float32")
-                acc = T.decl_buffer((vw,), "float32")
+                acc = T.decl_buffer((KEYS, vw), "float32")
                 s = T.decl_buffer((page_size,), "float32")
                 state = T.decl_buffer((4,), "float32")
                 keys = T.decl_buffer((2,), "int32")  # the sequence's cached keys; those the row sees
@@ -336,7 +358,7 @@ def full_attention(num_heads: int, head_dim: int, dtype: str, scale: float):
         out = T.match_buffer(var_out, (n, num_heads, d), dtype)
         for task in T.parallel(n * num_heads):
             o = T.decl_buffer((d,), "float32")
-            acc = T.decl_buffer((vw,), "float32")
+            acc = T.decl_buffer((KEYS, vw), "float32")
             s = T.decl_buffer((BLOCK,), "float32")
             state = T.decl_buffer((4,), "float32")
             start(o, state)
