@@ -6,7 +6,11 @@ level sends that many streaming completions at once (distinct random prompts, so
 greedy; ignore_eos so every stream generates --max-tokens). Aggregate decode tok/s = tokens after
 each stream's first / (last token − first stream's first token); TTFT from send to the first token;
 ITL between consecutive tokens of a stream; steady tok/s counts only
-the span in which every stream is decoding (no prefill in the steps). Prints a markdown table; --json FILE writes the rows.
+the span in which every stream is decoding (no prefill in the steps). --reps R goes R times through
+all the levels (not R times through one level, then the next: this machine's speed swings by
+minutes, and a level's ratio to one stream should compare runs made in the same minutes); each
+level's median row is kept. Prints a markdown table and each level's ratio to one stream; --json
+FILE writes the rows.
 
     ernie-compile --model ernie-4.5-0.3b --bits 4 -o /tmp/03b
     python bench/bench_serve.py /tmp/03b --streams 1 2 4 8 16 --max-tokens 64 --prompt-len 32
@@ -151,14 +155,19 @@ def main() -> None:
                                                          args.prompt_len + args.max_tokens + 64)
         for _, port in servers.values():
             level(port, 1, vocab, args.prompt_len, 8, seed=99)  # warm-up
-        for n in args.streams:
-            runs = {name: [] for name in servers}
-            for r in range(args.reps):  # alternating: both servers see the machine in the same state
+        # rep by rep through every level, alternating the servers within a level: the machine's speed
+        # swings from minute to minute, and each ratio (server to server, level to one stream) should
+        # set runs made in the same minutes against each other
+        runs = {(name, n): [] for n in args.streams for name in servers}
+        for r in range(args.reps):
+            for n in args.streams:
                 for name, (_, port) in servers.items():
-                    runs[name].append(level(port, n, vocab, args.prompt_len, args.max_tokens, seed=n * 100 + r))
-            for name, rs in runs.items():
+                    runs[name, n].append(level(port, n, vocab, args.prompt_len, args.max_tokens, seed=n * 100 + r))
+                    print(json.dumps({"server": name, "rep": r, **runs[name, n][-1]}), flush=True)
+        for n in args.streams:
+            for name in servers:
+                rs = runs[name, n]
                 rows.append({"server": name, **sorted(rs, key=lambda r: r["decode_tok_s"])[len(rs) // 2]})
-                print(json.dumps(rows[-1]), flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -167,8 +176,12 @@ def main() -> None:
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    by = {(r["server"], r["streams"]): r for r in rows}
+    one = min(args.streams)
+    for key in ("decode_tok_s", "steady_tok_s"):
+        print(f"\nernie-serve {key} against {one} stream(s): " + ", ".join(
+            f"{n} streams {by['ernie-serve', n][key] / by['ernie-serve', one][key]:.2f}×" for n in args.streams))
     if len(servers) > 1:
-        by = {(r["server"], r["streams"]): r for r in rows}
         print("\nernie-serve / llama-server, aggregate decode tok/s: " + ", ".join(
             f"{n} streams {by['ernie-serve', n]['decode_tok_s'] / by['llama-server', n]['decode_tok_s']:.2f}×"
             for n in args.streams))
