@@ -267,6 +267,89 @@ def tmp_path_factory_artifact(request):
     return out
 
 
+def _data_url(path) -> str:
+    import base64
+
+    kind = "png" if str(path).endswith(".png") else "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_ernie_serve_images_match_the_processor_and_eager(compiled, reference, vl_folder, tmp_path):
+    """ernie-serve on the VL artifact, through the official openai client: a chat message with two
+    images (data: URLs) then text gives the ids the checkpoint's processor builds and transformers'
+    greedy tokens, while a text-only request runs alongside (its decode steps interleave with the
+    image sequence's, whose RoPE positions carry its rope delta) and equals transformers too; the
+    same request again (no prefix sharing for prompts with images) gives the same tokens; an http
+    URL, bad base64 and undecodable bytes are 400s with OpenAI's error object."""
+    import concurrent.futures
+    import json
+    import queue
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from vl_folder import image_processor_oracle
+
+    out, _ = compiled
+    png, jpg = _image_files(tmp_path)
+    text = "Compare the values"
+    proc = subprocess.Popen([sys.executable, "-m", "ernie_compile.serve.cli", str(out), "--port", "0",
+                             "--max-batch", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        deadline, port = time.monotonic() + 120, None
+        while port is None:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line.startswith("listening on http://"):
+                port = int(line.rsplit(":", 1)[1])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(content, n):
+            r = client.chat.completions.create(model="vl", messages=[{"role": "user", "content": content}],
+                                               max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+            return r.usage.prompt_tokens, r.choices[0].token_ids
+
+        with_images = [{"type": "image_url", "image_url": {"url": _data_url(png)}},
+                       {"type": "image_url", "image_url": {"url": _data_url(jpg)}}, {"type": "text", "text": text}]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            image_job = pool.submit(ask, with_images, 10)
+            text_job = pool.submit(ask, "Hello there", 10)
+            (n_img, got_img), (n_txt, got_txt) = image_job.result(), text_job.result()
+        assert ask(with_images, 10) == (n_img, got_img)
+
+        processor = image_processor_oracle(vl_folder)
+        conversation = [{"role": "user", "content": [{"type": "image", "url": str(png)}, {"type": "image", "url": str(jpg)},
+                                                     {"type": "text", "text": text}]}]
+        inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        assert n_img == inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            assert got_img == reference.generate(**inputs, max_new_tokens=10, do_sample=False)[0, n_img:].tolist()
+        plain = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}],
+                                              add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              return_tensors="pt")
+        assert n_txt == plain["input_ids"].shape[1]
+        with torch.no_grad():
+            assert got_txt == reference.generate(**plain, max_new_tokens=10, do_sample=False)[0, n_txt:].tolist()
+
+        bad = {"http": "http://example.com/a.png", "base64": "data:image/png;base64,@@@",
+               "bytes": "data:image/png;base64,aGVsbG8="}
+        for case, url in bad.items():
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="vl", max_tokens=2, messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]}])
+            assert e.value.status_code == 400, case
+            message = json.loads(e.value.response.text)["error"]["message"]
+            assert {"http": "only data: URLs", "base64": "not valid base64", "bytes": "image 1"}[case] in message
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def test_quantized_vl_matches_fake_quant_eager(vl_folder, tmp_path):
     """--bits per category, the vision tower too: features and image-prompt greedy tokens equal those of
     transformers eager with every quantized weight dequantized (the routers stay fp32)."""

@@ -170,14 +170,8 @@ class Session:
             raise UserError("images go in a sequence's first prompt")
         check_prompt(ids, self.max_seq_len)
         self._check_vocabulary(ids)
-        grids = [tuple(int(g) for g in grid) for _, grid in images]
-        # first, as it refuses placeholder runs that do not fit the images: before any image is encoded
-        positions, delta = vision.rope_positions(ids, grids, spec)
-        features = np.concatenate([self._engine.encode_image(patches, vision.vision_positions(grid, spec.merge_size),
-                                                             spec.merge_size ** 2)
-                                   for (patches, _), grid in zip(images, grids)])  # [F, H]
-        logits = self._engine.step_images(list(ids), positions, vision.moe_token_types(ids, spec), features)
-        self.length, self.rope_delta = len(ids), int(delta)
+        logits, self.rope_delta = vision.prefill_images(self._engine, spec, ids, images)
+        self.length = len(ids)
         return logits
 
     def generate(self, prompt: list[int], max_new_tokens: int, sampler: Sampler = Sampler(),

@@ -215,11 +215,13 @@ class TvmEngine:
                            *self._weights)
         return out.numpy()
 
-    def step_images(self, ids: list[int], positions: np.ndarray, types: np.ndarray, features: np.ndarray) -> np.ndarray:
-        """A prompt holding images, into an empty sequence: ids [T], 3-D positions [3, T], modalities
-        [T], the features of its placeholder tokens in order [F, H] → logits after the last token."""
+    def step_images(self, ids: list[int], positions: np.ndarray, types: np.ndarray, features: np.ndarray,
+                    seq_id: int = 0) -> np.ndarray:
+        """A prompt holding images, into the empty sequence `seq_id`: ids [T], 3-D positions [3, T],
+        modalities [T], the features of its placeholder tokens in order [F, H] → logits after the last
+        token."""
         n = len(ids)
-        self._kv_begin(self._kv, self._shape([0]), self._shape([n]))
+        self._kv_begin(self._kv, self._shape([seq_id]), self._shape([n]))
         logits = self._prefill_mm(self._tensor(np.asarray([ids], dtype=np.int64)),
                                   self._tensor(np.ascontiguousarray(positions.reshape(3, 1, n), dtype=np.int64)),
                                   self._tensor(np.asarray(types, dtype=np.int64)[None]),
@@ -254,15 +256,18 @@ class TvmEngine:
         are shared (copied on write by the cache), not recomputed."""
         self._kv_fork(self._kv, parent, child, length)
 
-    def step_many(self, seq_ids: list[int], chunks: list[list[int]], starts: list[int]) -> np.ndarray:
-        """Append chunks[i] to sequence seq_ids[i] at positions starts[i], …; the logits after the
-        last token of each chunk, [len(seq_ids), V] float32."""
+    def step_many(self, seq_ids: list[int], chunks: list[list[int]], starts: list[int],
+                  offsets: list[int] | None = None) -> np.ndarray:
+        """Append chunks[i] to sequence seq_ids[i] at cache slots starts[i], …, RoPE positions
+        offsets[i] further on (a VL sequence's rope delta after its images; default 0); the logits
+        after the last token of each chunk, [len(seq_ids), V] float32."""
+        offsets = offsets or [0] * len(seq_ids)
         if self._batch is None:
             out = []
-            for sid, ids, start in zip(seq_ids, chunks, starts):
+            for sid, ids, start, off in zip(seq_ids, chunks, starts, offsets):
                 fn = self._decode if len(ids) == 1 else self._prefill
                 tokens = self._tensor(np.asarray([ids], dtype=np.int64))  # [1, n]
-                positions = self._tensor(np.arange(start, start + len(ids), dtype=np.int64)[None])
+                positions = self._tensor(np.arange(start + off, start + off + len(ids), dtype=np.int64)[None])
                 self._kv_begin(self._kv, self._shape([sid]), self._shape([len(ids)]))
                 logits = fn(tokens, positions, self._kv, *self._weights)
                 self._kv_end(self._kv)
@@ -270,7 +275,8 @@ class TvmEngine:
             return np.stack(out).astype(np.float32, copy=False)
         lengths = [len(c) for c in chunks]
         tokens = np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])[None]  # [1, T]
-        positions = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in zip(starts, lengths)])[None]
+        positions = np.concatenate([np.arange(s + o, s + o + n, dtype=np.int64)
+                                    for s, o, n in zip(starts, offsets, lengths)])[None]
         rows = np.cumsum(lengths, dtype=np.int64) - 1  # [R]: each sequence's last token
         self._kv_begin(self._kv, self._shape(seq_ids), self._shape(lengths))
         logits = self._batch(self._tensor(tokens), self._tensor(positions), self._tensor(rows), self._kv,

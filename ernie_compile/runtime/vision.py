@@ -134,27 +134,29 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def load_image(path) -> "PIL.Image.Image":
-    """The file as an upright RGB image, as transformers' load_image makes it from a path (EXIF
-    orientation applied, then convert("RGB")). Any failure is a one-line UserError naming the file;
-    a large image is not refused here, preprocess resizes it like the processor does."""
+def load_image(path, name: str | None = None) -> "PIL.Image.Image":
+    """The file (a path, or a binary file object called `name` in errors) as an upright RGB image, as
+    transformers' load_image makes it from a path (EXIF orientation applied, then convert("RGB")).
+    Any failure is a one-line UserError naming the file; a large image is not refused here,
+    preprocess resizes it like the processor does."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    what = path if name is None else name
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as image:
             image.load()  # decode now: a truncated file fails here, not later in preprocess
             return ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
-        raise UserError(f"{path}: no such image file") from None
+        raise UserError(f"{what}: no such image file") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: a folder, not an image file") from None
+        raise UserError(f"{what}: a folder, not an image file") from None
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not a {'/'.join(IMAGE_FORMATS)} image") from None
+        raise UserError(f"{what}: not a {'/'.join(IMAGE_FORMATS)} image") from None
     except Image.DecompressionBombError as e:
-        raise UserError(f"{path}: too many pixels to decode ({e})".splitlines()[0]) from None
+        raise UserError(f"{what}: too many pixels to decode ({e})".splitlines()[0]) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # what Pillow raises for a damaged file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: cannot decode image ({reason})") from None
+        raise UserError(f"{what}: cannot decode image ({reason})") from None
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -288,7 +290,12 @@ def build_prompt_ids(encode, render, grids, text: str, spec: VisionSpec) -> list
     placeholder per image, each becomes image_token_count copies, then `encode` tokenizes the
     whole text once (the tokenizer knows the placeholder as a special token)."""
     content = [{"type": "image"} for _ in grids] + [{"type": "text", "text": text}]
-    rendered = render([{"role": "user", "content": content}])
+    return expand_placeholders(encode, render([{"role": "user", "content": content}]), grids, spec)
+
+
+def expand_placeholders(encode, rendered: str, grids, spec: VisionSpec) -> list[int]:
+    """input_ids of a rendered chat holding one image placeholder per image (in order): each becomes
+    image_token_count copies, then the whole text is tokenized once."""
     pieces = rendered.split(spec.image_token)
     if len(pieces) - 1 != len(grids):
         raise UserError(f"{len(pieces) - 1} image placeholders in the rendered prompt (the template's and any in "
@@ -298,3 +305,15 @@ def build_prompt_ids(encode, render, grids, text: str, spec: VisionSpec) -> list
     if ids.count(spec.image_token_id) != sum(counts):
         raise UserError(f"the tokenizer does not encode {spec.image_token} as id {spec.image_token_id}")
     return ids
+
+
+def prefill_images(engine, spec: VisionSpec, ids: list[int], images: list, seq_id: int = 0) -> tuple[np.ndarray, int]:
+    """A prompt holding images into the engine's empty sequence `seq_id`: `images` are (patches, grid)
+    of preprocess, in prompt order; ids hold each one's placeholder tokens. Returns the logits after
+    the last token and the rope delta (decoding continues at cache index + delta)."""
+    grids = [tuple(int(g) for g in grid) for _, grid in images]
+    # first, as it refuses placeholder runs that do not fit the images: before any image is encoded
+    positions, delta = rope_positions(ids, grids, spec)
+    features = np.concatenate([engine.encode_image(patches, vision_positions(grid, spec.merge_size), spec.merge_size ** 2)
+                               for (patches, _), grid in zip(images, grids)])  # [F, H]
+    return engine.step_images(list(ids), positions, moe_token_types(ids, spec), features, seq_id), int(delta)

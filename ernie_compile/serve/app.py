@@ -31,7 +31,7 @@ DISCONNECT_POLL_S = 0.5
 class Generation:
     """One request's scheduler Request, and the queue its events arrive in on the event loop."""
 
-    def __init__(self, server: "Server", prompt: list[int], params: Params, max_tokens: int):
+    def __init__(self, server: "Server", prompt: list[int], params: Params, max_tokens: int, images: list | None = None):
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
 
@@ -49,7 +49,7 @@ class Generation:
             push(("done", reason, error))
 
         self.req = Request(prompt, max_tokens, params.sampler.make(), self.text.on_token, done,
-                           stop_at_eos=not params.ignore_eos)
+                           stop_at_eos=not params.ignore_eos, images=images or None)
         self.prompt_tokens = len(prompt)
 
     def usage(self) -> dict:
@@ -63,6 +63,7 @@ class Server:
         self.session, self.scheduler, self.model_name = session, scheduler, model_name
         self.tokenizer = session.tokenizer
         self.chat = ChatFormat(session.folder, session.manifest.data["tokenizer"])
+        self.vision = scheduler.vision  # a VL artifact's VisionSpec: chat messages may hold images
         self.created = int(time.time())
         self.thread = threading.Thread(target=scheduler.run, name="ernie-scheduler", daemon=True)
 
@@ -93,10 +94,11 @@ class Server:
             body = parse_json(await request.body())
             if chat:
                 params = Params.parse(body, ("max_completion_tokens", "max_tokens"))
-                prompt = self.chat.prompt(body, self.tokenizer)
+                # (in a thread: decoding and resizing images takes a while; the loop serves the streams)
+                prompt, images = await asyncio.to_thread(self.chat.prompt, body, self.tokenizer, self.vision)
             else:
                 params = Params.parse(body)
-                prompt = completion_prompt(body, self.tokenizer, self.session.vocab_size)
+                prompt, images = completion_prompt(body, self.tokenizer, self.session.vocab_size), []
             limit = self.session.max_seq_len
             if len(prompt) >= limit:
                 raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is {limit} tokens, "
@@ -104,7 +106,7 @@ class Server:
                                code="context_length_exceeded")
             # chat: up to the context by default; completions: OpenAI's default of 16
             max_tokens = params.max_tokens or (limit - len(prompt) if chat else 16)
-            gen = Generation(self, prompt, params, max_tokens)
+            gen = Generation(self, prompt, params, max_tokens, images)
             try:
                 self.scheduler.submit(gen.req)
             except QueueFull:

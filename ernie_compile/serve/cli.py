@@ -47,6 +47,7 @@ def _run(argv) -> int:
     from ..runtime.artifact import load_manifest
     from ..runtime.session import Session
     from ..runtime.tvm_engine import import_runtime_only_tvm
+    from ..runtime.vision import VisionSpec
     from .app import Server, make_app
     from .scheduler import Scheduler
 
@@ -55,7 +56,8 @@ def _run(argv) -> int:
     session = Session(manifest)
     scheduler = Scheduler(session.engine, session.max_seq_len, session.eos_token_ids, max_batch=args.max_batch,
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                          page_size=manifest.data["kv_cache"].get("page_size", 16))
+                          page_size=manifest.data["kv_cache"].get("page_size", 16),
+                          vision=VisionSpec.from_json(manifest.data["vision"]) if manifest.data.get("vision") else None)
     server = Server(session, scheduler, args.model_name or Path(args.artifact).resolve().name)
     try:
         sock = socket.create_server((args.host, args.port))

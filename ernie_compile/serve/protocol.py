@@ -6,6 +6,9 @@ Every refused field raises ApiError, which the app answers with OpenAI's error o
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import math
 import random
@@ -130,19 +133,51 @@ def completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
     raise ApiError(400, "prompt: a string or a list of token ids", param="prompt")
 
 
-def _message_text(m, i: int) -> tuple[str, str]:
+def _image_url(part: dict, where: str) -> bytes:
+    """The bytes of an image_url part: a data: URL (base64). The server fetches nothing."""
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str):
+        raise ApiError(400, f"{where}: image_url needs a url", param="messages")
+    head, sep, data = url.partition(",")
+    if not (head.startswith("data:") and head.endswith(";base64") and sep):
+        raise ApiError(400, f"{where}: only data: URLs (base64) are taken; this server fetches nothing",
+                       param="messages", code="invalid_image_url")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where}: the data: URL is not valid base64", param="messages",
+                       code="invalid_image_url") from None
+
+
+def _message(m, i: int, images: list | None) -> tuple[str, str | list]:
+    """(role, content): content a string, or (where it holds images) a list of {"type": "text"} and
+    {"type": "image"} parts, the images' bytes appended to `images` (None: the artifact takes none)."""
     if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
         raise ApiError(400, f"messages[{i}]: an object with a role system, developer, user, assistant or tool",
                        param="messages")
     content = m.get("content")
-    if isinstance(content, list):  # content parts: text only
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-        content = "".join(p["text"] for p in content)
+    if isinstance(content, list):  # content parts: text, and images for a VL artifact
+        parts = []
+        for j, p in enumerate(content):
+            kind = p.get("type") if isinstance(p, dict) else None
+            if kind == "text" and isinstance(p.get("text"), str):
+                parts.append({"type": "text", "text": p["text"]})
+            elif kind == "image_url":
+                if images is None:
+                    raise ApiError(400, f"messages[{i}].content[{j}]: this artifact takes no images (a text-only "
+                                        "model)", param="messages")
+                images.append(_image_url(p, f"messages[{i}].content[{j}]"))
+                parts.append({"type": "image"})
+            else:
+                raise ApiError(400, f"messages[{i}].content[{j}]: only text" + (" and image_url" if images is not None
+                                                                                 else "") + " parts are supported",
+                               param="messages")
+        content = parts if any(q["type"] == "image" for q in parts) else "".join(q["text"] for q in parts)
     if content is None and m["role"] == "assistant":
         content = ""
-    if not isinstance(content, str):
-        raise ApiError(400, f"messages[{i}].content: a string or a list of text parts", param="messages")
+    if not isinstance(content, (str, list)):
+        raise ApiError(400, f"messages[{i}].content: a string or a list of parts", param="messages")
     return m["role"], content
 
 
@@ -190,21 +225,48 @@ class ChatFormat:
             raise ApiError(400, "messages: this artifact carries no chat template", param="messages")
         return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
 
-    def prompt(self, body: dict, tokenizer) -> list[int]:
+    def prompt(self, body: dict, tokenizer, vision=None) -> tuple[list[int], list]:
+        """(ids, images) of `messages`: images are (patches, grid) of runtime/vision.preprocess, in
+        prompt order, for a VL artifact (`vision`: its VisionSpec; None refuses image parts)."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages: a non-empty list", param="messages")
-        turns = [_message_text(m, i) for i, m in enumerate(messages)]
+        raw: list[bytes] | None = [] if vision is not None else None
+        turns = [_message(m, i, raw) for i, m in enumerate(messages)]
         if not tokenizer.available:
             raise ApiError(400, "messages: this artifact has no tokenizer", param="messages")
+        if raw:
+            return self._image_prompt(turns, raw, tokenizer, vision)
         if self.template is not None:
-            return tokenizer.encode(self.render([{"role": r, "content": c} for r, c in turns]))
+            return tokenizer.encode(self.render([{"role": r, "content": c} for r, c in turns])), []
         text = ""
         for role, content in turns:
             text += {"system": "{}\n", "developer": "{}\n", "user": "User: {}\n", "assistant": "Assistant: {}\n",
                      "tool": "Tool: {}\n"}[role].format(content)
         ids = tokenizer.encode(text + "Assistant: ")
-        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
+        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids, []
+
+    def _image_prompt(self, turns, raw: list[bytes], tokenizer, vision) -> tuple[list[int], list]:
+        """Images decoded and resized as the checkpoint's processor does, the template rendered with an
+        image placeholder per image, each expanded to its token count (runtime/vision.py)."""
+        from ..errors import UserError
+        from ..runtime.vision import expand_placeholders, load_image, preprocess
+
+        if self.template is None:
+            raise ApiError(400, "messages: images need the artifact's chat template, and it carries none",
+                           param="messages")
+        images = []
+        for n, data in enumerate(raw):
+            try:
+                images.append(preprocess(load_image(io.BytesIO(data), name=f"image {n + 1}"), vision))
+            except UserError as e:
+                raise ApiError(400, f"messages: {e}", param="messages", code="invalid_image") from None
+        rendered = self.render([{"role": r, "content": c} for r, c in turns])
+        try:
+            ids = expand_placeholders(tokenizer.encode, rendered, [grid for _, grid in images], vision)
+        except UserError as e:
+            raise ApiError(400, f"messages: {e}", param="messages") from None
+        return ids, images
 
 
 class TextStream:

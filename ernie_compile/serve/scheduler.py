@@ -13,6 +13,9 @@ with the same system prompt forks it, even after the first one has finished); a 
 finds no free slot evicts the least recently used of these. Slots bound the pages: the cache holds
 max_batch full-length sequences' pages, so kept sequences can never starve running ones.
 
+A prompt holding images (the VL model) is encoded and prefilled whole in a step of its own, then
+decodes with the others at its rope delta (_Seq.offset); it shares no prefix pages.
+
 Artifacts without a `batch` step run one call per sequence per step (round-robin); engines without a
 multi-sequence cache (inductor, WebGPU) serve one sequence at a time.
 """
@@ -52,6 +55,9 @@ class Request:
     on_done: Callable[[str, Exception | None], None]
     stop_at_eos: bool = True
     cancelled: bool = False
+    # the VL model's images, (patches, grid) of runtime/vision.preprocess in prompt order; the prompt
+    # holds their placeholder tokens. Such a prompt is prefilled in one step of its own.
+    images: list | None = None
     # filled in by the scheduler
     tokens: list[int] = field(default_factory=list)  # new tokens
     cached_prompt_tokens: int = 0  # prompt tokens taken from another sequence's pages (prefix reuse)
@@ -63,6 +69,7 @@ class _Seq:
     req: Request
     sid: int
     fed: int = 0  # tokens of req.prompt + req.tokens in the cache
+    offset: int = 0  # RoPE positions run this far from cache slots (the VL model's delta after images)
 
     @property
     def history(self) -> list[int]:
@@ -93,13 +100,13 @@ class OneSequence:
     def remove_sequence(self, seq_id: int) -> None:
         pass
 
-    def step_many(self, seq_ids, chunks, starts) -> np.ndarray:
-        return self._engine.step(chunks[0], starts[0])[None]
+    def step_many(self, seq_ids, chunks, starts, offsets=None) -> np.ndarray:
+        return self._engine.step(chunks[0], starts[0])[None]  # (these engines run no VL model: no offsets)
 
 
 class Scheduler:
     def __init__(self, engine, max_seq_len: int, eos_token_ids: set[int], max_batch: int = 8,
-                 max_queue: int = 64, prefill_chunk: int = 64, page_size: int = 16):
+                 max_queue: int = 64, prefill_chunk: int = 64, page_size: int = 16, vision=None):
         multi = hasattr(engine, "step_many")
         self.engine = engine if multi else OneSequence(engine)
         self.batched = multi and engine.batches
@@ -110,6 +117,7 @@ class Scheduler:
         self.prefill_chunk = max(1, min(prefill_chunk, max_seq_len))
         self.page_size = page_size
         self.eos = eos_token_ids
+        self.vision = vision  # the VL artifact's VisionSpec (runtime/vision.py): requests may hold images
         self.engine.open_batch(self.max_batch)
         self._queue: collections.deque[Request] = collections.deque()
         self._active: list[_Seq] = []
@@ -188,7 +196,8 @@ class Scheduler:
     def _admit(self) -> None:
         while self._queue and (self._free_ids or self._kept):
             req = self._queue.popleft()
-            parent, common = self._longest_cached_prefix(req.prompt)
+            # (placeholder tokens are the same for every image: a prompt with images shares no pages)
+            parent, common = self._longest_cached_prefix(req.prompt) if not req.images else (None, 0)
             sid = self._slot(keep=parent)
             if parent is not None and parent.sid == sid:
                 parent, common = None, 0  # the only kept sequence was the parent: its slot is needed
@@ -238,6 +247,8 @@ class Scheduler:
         best, best_n = None, 0
         limit = len(prompt) - 1
         for s in [*self._active, *self._kept.values()]:
+            if s.req.images:
+                continue
             cached = s.history[:min(s.fed, limit)]
             n = 0
             for a, b in zip(cached, prompt):
@@ -249,6 +260,10 @@ class Scheduler:
         return (best, best_n) if best_n >= self.page_size else (None, 0)
 
     def _step(self) -> None:
+        fresh = next((s for s in self._active if s.req.images and s.fed == 0), None)
+        if fresh is not None:
+            self._step_images(fresh)
+            return
         decoding = [s for s in self._active if s.fed >= len(s.req.prompt)]
         prefilling = [s for s in self._active if s.fed < len(s.req.prompt)]
         batch, chunks = [], []
@@ -267,7 +282,9 @@ class Scheduler:
             if not self.batched:
                 break  # one call per sequence: one prefill chunk per step keeps streams flowing
         try:
-            logits = self.engine.step_many([s.sid for s in batch], chunks, [s.fed for s in batch])
+            offsets = [s.offset for s in batch]
+            logits = self.engine.step_many([s.sid for s in batch], chunks, [s.fed for s in batch],
+                                           *([offsets] if any(offsets) else []))
         except Exception as e:  # a broken step fails its requests, not the server
             log.exception("step failed")
             for s in batch:
@@ -283,6 +300,24 @@ class Scheduler:
                 self._finish(s, "cancelled")
                 continue
             self._accept(s, row)
+
+    def _step_images(self, s: _Seq) -> None:
+        """A prompt holding images: encoded and prefilled whole, in a step of its own."""
+        from ..runtime.vision import prefill_images
+
+        try:
+            logits, s.offset = prefill_images(self.engine, self.vision, s.req.prompt, s.req.images, s.sid)
+        except Exception as e:
+            log.exception("an image prefill failed")
+            self._finish(s, "error", e)
+            return
+        self.stats["steps"] += 1
+        self.stats["step_tokens"] += len(s.req.prompt)
+        s.fed = len(s.req.prompt)
+        if s.req.cancelled:
+            self._finish(s, "cancelled")
+        else:
+            self._accept(s, logits)
 
     def _accept(self, s: _Seq, logits: np.ndarray) -> None:
         req = s.req
@@ -302,7 +337,7 @@ class Scheduler:
 
     def _finish(self, s: _Seq, reason: str, error: Exception | None = None) -> None:
         self._active.remove(s)
-        if self.forks and reason in ("stop", "length", "context") and s.fed >= self.page_size:
+        if self.forks and reason in ("stop", "length", "context") and s.fed >= self.page_size and not s.req.images:
             self._kept[s.sid] = s  # its pages stay for a later prompt with the same prefix
         else:
             self._release(s.sid)

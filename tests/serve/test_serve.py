@@ -159,6 +159,11 @@ def test_bad_chat_request_through_the_client(server):
     with pytest.raises(openai.BadRequestError) as e:
         server.client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "x"}])
     assert e.value.status_code == 400
+    # an image for a text-only artifact (the VL artifact's images: tests/test_e2e_vl.py)
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}])
+    assert e.value.status_code == 400 and "takes no images" in json.loads(e.value.response.text)["error"]["message"]
 
 
 def test_disconnect_mid_stream_cancels_the_sequence(server):
@@ -339,6 +344,6 @@ def test_chat_uses_the_artifacts_template_where_it_has_one(tmp_path):
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
     chat = ChatFormat(tmp_path, {"files": ["tokenizer_config.json"], "bos_token_id": 1})
     assert "chat template" in chat.description and "fallback" not in chat.description
-    assert "".join(map(chr, chat.prompt(body, Chars()))) == "^<user>hi<assistant>"
+    assert "".join(map(chr, chat.prompt(body, Chars())[0])) == "^<user>hi<assistant>"
     fallback = ChatFormat(tmp_path, {"files": [], "bos_token_id": 1})
-    assert fallback.prompt(body, Chars()) == [1] + [ord(c) for c in "User: hi\nAssistant: "]
+    assert fallback.prompt(body, Chars())[0] == [1] + [ord(c) for c in "User: hi\nAssistant: "]
