@@ -6,7 +6,9 @@
 Parity (prints PASS/FAIL per case, exit 1 on any FAIL): the embedded default at float32, float16 and
 4 bits, and a small random MoE at 4 bits; prefill logits within the stated tolerance of transformers
 eager (on the GPU when torch sees one, else on the CPU) and 16 greedy tokens identical — the eager
-reference of a quantized artifact is transformers on the dequantized weights.
+reference of a quantized artifact is transformers on the dequantized weights; and the server's batch
+step (ragged prompts prefilled together, then decode steps) within the same tolerance of each
+sequence run alone.
 Speed: the 0.3b preset (real shapes, random weights) at float16 and 4 bits, prefill of 128 tokens
 and 64 decode steps, medians of --reps, next to transformers eager on the same GPU.
 """
@@ -24,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-from conftest import MOE_CONFIGS, PROMPT_IDS, eager_greedy, make_checkpoint, rel_error  # noqa: E402
+from conftest import MOE_CONFIGS, PROMPT_IDS, batch_vs_single, eager_greedy, make_checkpoint, rel_error  # noqa: E402
 from common import print_table  # noqa: E402
 from test_quantize import fake_quant  # noqa: E402
 
@@ -78,10 +80,13 @@ def parity(root: Path, arch: str, compile_only: bool) -> bool:
             err = rel_error(session.forward(PROMPT_IDS), ref(torch.tensor([PROMPT_IDS], device=ref.device)).logits[0, -1].cpu())
         want = eager_greedy(ref.cpu() if ref.device.type != "cpu" else ref, PROMPT_IDS, 16)
         same = session.generate(PROMPT_IDS, 16, stop_at_eos=False).tokens == want
-        good = err <= tol and same
+        # the server's batch step on the GPU: ragged prompts together, then decode, against each alone
+        batch_err = batch_vs_single(out, [PROMPT_IDS, PROMPT_IDS[:3][::-1], [7]], steps=3)
+        good = err <= tol and same and batch_err <= tol
         ok &= good
         print(f"{'PASS' if good else 'FAIL'} {name}: logits rel. error {err:.2e} (tolerance {tol}), "
-              f"16 greedy tokens {'identical' if same else 'DIFFER'}")
+              f"16 greedy tokens {'identical' if same else 'DIFFER'}, batch step vs single sequences "
+              f"{batch_err:.2e}")
     return ok
 
 

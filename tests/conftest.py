@@ -83,6 +83,33 @@ def rel_error(ours: np.ndarray, ref: torch.Tensor) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
+def batch_vs_single(artifact, prompts: list[list[int]], steps: int = 4) -> float:
+    """The largest rel_error between the artifact's compiled batch step advancing all `prompts`
+    together (one ragged prefill, then `steps` decode steps) and each prompt run alone (Session):
+    the server's continuous batching against single sequences. Decode feeds the single runs' greedy
+    tokens to both."""
+    from ernie_compile.runtime import Session
+
+    single, want = Session(artifact), []
+    for p in prompts:
+        single.reset()
+        logits = [single.forward(p)]
+        for _ in range(steps):
+            logits.append(single.forward([int(np.argmax(logits[-1]))]))
+        want.append(logits)
+    engine, ids = Session(artifact).engine, list(range(len(prompts)))
+    assert engine.batches, f"{artifact}: no compiled batch step"
+    engine.open_batch(len(prompts))
+    for i in ids:
+        engine.add_sequence(i)
+    err = 0.0
+    for s in range(steps + 1):
+        chunks = [p for p in prompts] if s == 0 else [[int(np.argmax(w[s - 1]))] for w in want]
+        got = engine.step_many(ids, chunks, [0] * len(ids) if s == 0 else [len(p) + s - 1 for p in prompts])
+        err = max(err, *(rel_error(got[i], torch.from_numpy(want[i][s])) for i in ids))
+    return err
+
+
 def eager_greedy(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n)

@@ -101,7 +101,10 @@ class CudaTarget(Target):
             static_m=True,  # decode (M = 1) gets a GEMV, prefill a GEMM
             int8_dot=None, int8_weight_bits=(), max_binding_bytes=None, native_ops=frozenset(), tunable=(),
             library_name="lib.so",
-            batch_step=False,  # untried on a GPU: its schedules are checked for prefill and decode only
+            # the server's batch step: its graph's numerics are checked on the CPU (ragged batches
+            # against single sequences, tests/targets/test_gpu_graph_on_cpu.py) and on a GPU by
+            # bench/device_check.sh; the paged KV cache's GPU attention kernels are TVM's own
+            batch_step=True,
             cross=False, archs=archs)
 
     def runs_here(self) -> bool:

@@ -73,6 +73,13 @@ def test_dense_defaults_to_float16(dense_fp16):
         assert {f.get_tensor(k).dtype.name for k in f.keys()} == {"float16"}
 
 
+@pytest.mark.parametrize("artifact", ["dense_fp16", "moe_q4"])
+def test_text_artifacts_carry_the_servers_batch_step(artifact, request):
+    """ernie-serve batches a CUDA artifact's sequences through its compiled `batch` step (the VL
+    model is served one sequence per call on every target)."""
+    assert _manifest(request.getfixturevalue(artifact))["functions"]["batch"] == "batch"
+
+
 def test_moe_q4_uses_our_gpu_kernels(moe_q4):
     names = _manifest(moe_q4)["kernels"]["names"]
     assert any(n.startswith("moe_group_gemm_q4") for n in names)

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from conftest import PROMPT_IDS, eager_greedy, eager_model, rel_error
+from conftest import PROMPT_IDS, batch_vs_single, eager_greedy, eager_model, rel_error
 from test_quantize import fake_quant
 from ernie_compile import targets
 from ernie_compile.compiler.options import CompileOptions
@@ -89,3 +89,7 @@ def test_gpu_graph_matches_eager(case, tmp_path, request):
         err = rel_error(session.forward(PROMPT_IDS), model(torch.tensor([PROMPT_IDS])).logits[0, -1])
     assert err < tol, f"{case}: prefill logits off by {err:.2e} (tolerance {tol})"
     assert session.generate(PROMPT_IDS, 12, stop_at_eos=False).tokens == eager_greedy(model, PROMPT_IDS, 12)
+    # the batch step (continuous batching; the CUDA target compiles it) against single sequences:
+    # ragged prompts of 3 lengths prefilled together, then decode steps together
+    err = batch_vs_single(out, [PROMPT_IDS, PROMPT_IDS[:3][::-1], [7]], steps=3)
+    assert err < tol, f"{case}: batch step off single sequences by {err:.2e} (tolerance {tol})"
