@@ -55,21 +55,28 @@ def _pairs_avx2(w_u32x16, x_i32, h: int):
                                    T.reinterpret("int8x32", T.broadcast(x_i32, 8)))
 
 
+def _widen_avx2(sums_i16x16):
+    """AVX2's vpmaddwd by 1: adjacent int16 lanes summed into int32x8 (one 8-row half's dots)."""
+    return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", sums_i16x16, T.broadcast(T.int16(1), 16))
+
+
 @dataclass(frozen=True)
 class Dot:
     """An int8 dot product of the kernels: either `dot` (acc[16] += per lane, Σ of 4 u8 code bytes ×
-    4 s8 activation bytes) or `pairs` (int16 pair sums per 8-lane half, summed in int16 per block
-    and widened once); `bits`: the code widths it is exact for."""
+    4 s8 activation bytes) or `pairs` (int16 pair sums per 8-lane half, summed in int16 per block)
+    with `widen` (a half's int16 sums → int32x8, once per block); `bits`: the code widths it is
+    exact for."""
     bits: tuple
     dot: Callable | None = None
     pairs: Callable | None = None
+    widen: Callable | None = None
 
 
 # int8 dot kind (Target.int8_dot) → Dot. All compute the same integers; "vnni" needs AVX-512 VNNI
 # (vpdpbusd), "avx2" AVX2 (CPUs without VNNI, such as Zen 3), "portable" nothing. AVX2's pairs are
 # exact for codes of up to 4 bits: a lane sums 8 pairs per block, at most 8 · 2 · 15 · 127 = 30480
 # < 2^15 (|xq| ≤ 127); 8-bit codes would overflow.
-DOTS = {"vnni": Dot((2, 3, 4, 8), dot=_dot_vnni), "avx2": Dot((2, 3, 4), pairs=_pairs_avx2),
+DOTS = {"vnni": Dot((2, 3, 4, 8), dot=_dot_vnni), "avx2": Dot((2, 3, 4), pairs=_pairs_avx2, widen=_widen_avx2),
         "portable": Dot((2, 3, 4, 8), dot=_dot_portable)}
 
 
@@ -162,9 +169,8 @@ def _block_math(k: int, spec, dot: Dot):
             hi = dot.dot(hi, code_vec(qwf, t, b, j + 4), x4(xq32, b, i, j + 4))
         return lo + hi
 
-    def widen(acc16, r):  # int32x16 from the int16 pair sums of row r's two halves (vpmaddwd by 1)
-        return tirx.Shuffle([T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", acc16[2 * r + h, T.ramp(0, 1, 16)],
-                                                     T.broadcast(T.int16(1), 16)) for h in range(2)],
+    def widen(acc16, r):  # int32x16 from the int16 pair sums of row r's two halves
+        return tirx.Shuffle([dot.widen(acc16[2 * r + h, T.ramp(0, 1, 16)]) for h in range(2)],
                             [tirx.IntImm("int32", i) for i in range(TILE)])
 
     def block_term(qsf, qmf, dx, sx, t, b, i, idot):  # float32x16: block b's share of y[i, tile], idot its integer dot
