@@ -104,7 +104,7 @@ def batch_vs_single(artifact, prompts: list[list[int]], steps: int = 4) -> float
         engine.add_sequence(i)
     err = 0.0
     for s in range(steps + 1):
-        chunks = [p for p in prompts] if s == 0 else [[int(np.argmax(w[s - 1]))] for w in want]
+        chunks = prompts if s == 0 else [[int(np.argmax(w[s - 1]))] for w in want]
         got = engine.step_many(ids, chunks, [0] * len(ids) if s == 0 else [len(p) + s - 1 for p in prompts])
         err = max(err, *(rel_error(got[i], torch.from_numpy(want[i][s])) for i in ids))
     return err

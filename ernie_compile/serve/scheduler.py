@@ -282,9 +282,8 @@ class Scheduler:
             if not self.batched:
                 break  # one call per sequence: one prefill chunk per step keeps streams flowing
         try:
-            offsets = [s.offset for s in batch]
             logits = self.engine.step_many([s.sid for s in batch], chunks, [s.fed for s in batch],
-                                           *([offsets] if any(offsets) else []))
+                                           [s.offset for s in batch])
         except Exception as e:  # a broken step fails its requests, not the server
             log.exception("step failed")
             for s in batch:
@@ -293,13 +292,7 @@ class Scheduler:
         self.stats["steps"] += 1
         self.stats["step_tokens"] += sum(len(c) for c in chunks)
         for s, chunk, row in zip(batch, chunks, logits):
-            s.fed += len(chunk)
-            if s.fed < len(s.req.prompt):
-                continue  # a prompt chunk: its logits are not needed
-            if s.req.cancelled:
-                self._finish(s, "cancelled")
-                continue
-            self._accept(s, row)
+            self._advance(s, len(chunk), row)
 
     def _step_images(self, s: _Seq) -> None:
         """A prompt holding images: encoded and prefilled whole, in a step of its own."""
@@ -313,7 +306,13 @@ class Scheduler:
             return
         self.stats["steps"] += 1
         self.stats["step_tokens"] += len(s.req.prompt)
-        s.fed = len(s.req.prompt)
+        self._advance(s, len(s.req.prompt), logits)
+
+    def _advance(self, s: _Seq, n: int, logits: np.ndarray) -> None:
+        """`n` more of s's tokens are in the cache; `logits` after the last of them."""
+        s.fed += n
+        if s.fed < len(s.req.prompt):
+            return  # a prompt chunk: its logits are not needed
         if s.req.cancelled:
             self._finish(s, "cancelled")
         else:
