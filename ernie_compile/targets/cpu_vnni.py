@@ -198,18 +198,18 @@ def _block_math(k: int, spec, dot: Dot):
         # accumulators, tb activation broadcasts and one code vector (16 AVX2 registers at tb = 4);
         # row-outer kept the block's 16 code halves live and spilled them (M = 8 linears on the
         # 0.3b: 1.33× the row-outer vpmaddwd-per-vpmaddubsw kernel, interleaved minima).
+        def pair_step(acc16, r, qwf, xq32, t, b, i, j, h: int):  # acc16[r] (row i's half h) after group j
+            return T.if_then_else(j == 0, T.broadcast(T.int16(0), 16), acc16[r, T.ramp(0, 1, 16)]) + dot.pairs(
+                code_vec(qwf, t, b, j), x4(xq32, b, i, j), h)
+
         @T.macro
         def update(qwf, qsf, qmf, xq32, dx, sx, accf, t, b, i0):
             acc16 = T.decl_buffer((2 * tb, 16), "int16")  # default scope, 256 B at tb = 4: a stack slot
             for j in T.unroll(8):
+                for ii in T.unroll(tb):  # (the halves as two loops: h must be a Python int in pairs)
+                    acc16[2 * ii, T.ramp(0, 1, 16)] = pair_step(acc16, 2 * ii, qwf, xq32, t, b, i0 + ii, j, 0)
                 for ii in T.unroll(tb):
-                    acc16[2 * ii, T.ramp(0, 1, 16)] = T.if_then_else(j == 0, T.broadcast(T.int16(0), 16),
-                                                                     acc16[2 * ii, T.ramp(0, 1, 16)]) + dot.pairs(
-                        code_vec(qwf, t, b, j), x4(xq32, b, i0 + ii, j), 0)
-                for ii in T.unroll(tb):
-                    acc16[2 * ii + 1, T.ramp(0, 1, 16)] = T.if_then_else(j == 0, T.broadcast(T.int16(0), 16),
-                                                                         acc16[2 * ii + 1, T.ramp(0, 1, 16)]) + dot.pairs(
-                        code_vec(qwf, t, b, j), x4(xq32, b, i0 + ii, j), 1)
+                    acc16[2 * ii + 1, T.ramp(0, 1, 16)] = pair_step(acc16, 2 * ii + 1, qwf, xq32, t, b, i0 + ii, j, 1)
             for ii in T.unroll(tb):
                 accf[ii, T.ramp(0, 1, TILE)] = accf[ii, T.ramp(0, 1, TILE)] + block_term(
                     qsf, qmf, dx, sx, t, b, i0 + ii, widen(acc16, ii))
