@@ -11,8 +11,9 @@ phases before it.
 TVM route (the default backend):
     load                 checkpoint folder / preset → transformers' own model (load.py)
     capture              the graph passes route transformers' modules through our ops
-                         (fuse_gqa_attention, fuse_moe_routing, fuse_gated_mlp); torch.export of
-                         prefill, decode and (targets with batch_step) batch (capture.py)
+                         (fuse_gqa_attention, fuse_moe_routing, fuse_gated_mlp, fuse_rms_norm);
+                         torch.export of prefill, decode and (targets with batch_step) batch
+                         (capture.py)
     lower                ExportedPrograms → Relax; each graph pass's converter lowers its op
                          (lower.py, passes/); weight records for the packager
     split_large_weights  weights over the target's binding limit → row blocks (WebGPU)

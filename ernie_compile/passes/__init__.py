@@ -130,13 +130,13 @@ def select_passes(config, fuse_attention: bool = True) -> list:
     expected_sites(config), install(model) (capture side: route transformers' modules through our
     op) and converter(report, ctx) (lower side: our op → Relax). Attention takes exactly one of two
     routes: fused (default), or the plain route kept as the unfused baseline for benchmarks."""
-    from . import (fuse_gated_mlp, fuse_gqa_attention, fuse_modality_moe, fuse_moe_routing, merge_still_frames,
-                   place_image_features, route_attention_to_kv_cache, route_vision_attention)
+    from . import (fuse_gated_mlp, fuse_gqa_attention, fuse_modality_moe, fuse_moe_routing, fuse_rms_norm,
+                   merge_still_frames, place_image_features, route_attention_to_kv_cache, route_vision_attention)
 
     if config.model_type == "ernie4_5_vl_moe":
         # M-RoPE rotates by three position axes the paged cache does not track: RoPE stays in the graph
         attention = route_attention_to_kv_cache
     else:
         attention = fuse_gqa_attention if fuse_attention else route_attention_to_kv_cache
-    return [p for p in (attention, fuse_moe_routing, fuse_modality_moe, fuse_gated_mlp, route_vision_attention,
-                        merge_still_frames, place_image_features) if p.expected_sites(config)]
+    return [p for p in (attention, fuse_moe_routing, fuse_modality_moe, fuse_gated_mlp, fuse_rms_norm,
+                        route_vision_attention, merge_still_frames, place_image_features) if p.expected_sites(config)]

@@ -45,7 +45,7 @@ class Target(ABC):
     int8_dot: str | None
     int8_weight_bits: tuple[int, ...]  # weight bits that dot is exact for: (2, 3, 4, 8) "vnni", (2, 3, 4) "avx2", () None
     max_binding_bytes: int | None  # largest weight buffer a kernel can bind; larger ones are split
-    native_ops: frozenset  # fused ops with a kernel of the target's own: "silu_mul", "moe_route", "vision_attention"
+    native_ops: frozenset  # fused ops with a kernel of the target's own: "silu_mul", "rms_norm", "moe_route", "vision_attention"
     tunable: tuple[str, ...]  # kernels with schedule parameters (kernels.TUNABLE, compiler/tuning.py)
     library_name: str
     # compile the `batch` step (compiler/capture.py: logits at chosen rows of a ragged batch) that the

@@ -83,7 +83,7 @@ class CpuTarget(Target):
             scale_dtypes={"float32": "float16"}, kernels=cpu_kernels, kv_cache="paged", index_dtype="int64",
             quant_layouts=("vnni16", "lanes16", "row"), static_m=False,  # one linear_q serves every M
             int8_dot=dot, int8_weight_bits=cpu_vnni.DOTS[dot].bits if dot else (),
-            max_binding_bytes=None, native_ops=frozenset({"silu_mul", "vision_attention"}), tunable=tuple(cpu_kernels.TUNABLE),
+            max_binding_bytes=None, native_ops=frozenset({"silu_mul", "rms_norm", "vision_attention"}), tunable=tuple(cpu_kernels.TUNABLE),
             library_name="lib.tar" if triple else "lib.so", batch_step=True, cross=triple is not None)
 
     def runs_here(self) -> bool:

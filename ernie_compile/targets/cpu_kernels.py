@@ -347,6 +347,50 @@ def silu_mul(inter: int, dtype: str = "float32"):
 
     return cpu_silu_mul
 
+def rms_norm(hidden: int, eps: float, dtype: str = "float32", w_dtype: str = "float32"):
+    """out[M, C] = w · x · rsqrt(mean(x²) + eps) per row, in float32 (passes/fuse_rms_norm.py): one
+    call where the generic graph had six kernels, each a VM call with an output to allocate; the sum
+    of squares in 4 accumulator vectors; rows in parallel in prefill."""
+    vw = vector_width(hidden)
+    chains = next(a for a in (4, 2, 1) if hidden % (vw * a) == 0)
+
+    @T.macro
+    def row(x, w, out, i):
+        acc = T.decl_buffer((chains, vw), "float32")
+        ss = T.decl_buffer((1,), "float32")
+        for a in T.unroll(chains):
+            for v in T.vectorized(vw):
+                acc[a, v] = T.float32(0)
+        for c in range(hidden // (vw * chains)):
+            for a in T.unroll(chains):
+                for v in T.vectorized(vw):
+                    acc[a, v] = acc[a, v] + T.cast(x[i, (c * chains + a) * vw + v], "float32") * T.cast(
+                        x[i, (c * chains + a) * vw + v], "float32")
+        ss[0] = T.float32(0)
+        for a in range(chains):
+            for v in range(vw):
+                ss[0] = ss[0] + acc[a, v]
+        ss[0] = T.float32(1) / T.sqrt(ss[0] / T.float32(hidden) + T.float32(eps))
+        for c in range(hidden // vw):
+            for v in T.vectorized(vw):
+                out[i, c * vw + v] = T.cast(w[c * vw + v], dtype) * T.cast(
+                    T.cast(x[i, c * vw + v], "float32") * ss[0], dtype)
+
+    @T.prim_func(private=True, s_tir=True)
+    def cpu_rms_norm(var_x: T.handle, w: T.Buffer((hidden,), w_dtype), var_out: T.handle):
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, hidden), dtype)
+        out = T.match_buffer(var_out, (m, hidden), dtype)
+        with T.sblock("root"):  # Relax's reshape detection (RewriteDataflowReshape) reads a root block
+            if m == 1:
+                row(x, w, out, 0)
+            else:
+                for i in T.parallel(m):
+                    row(x, w, out, i)
+
+    return cpu_rms_norm
+
 def full_attention(*args):
     """Non-causal attention for the VL vision tower (targets/cpu_attention.py)."""
     from .cpu_attention import full_attention as kernel
