@@ -62,14 +62,18 @@ def applies_to(p, function: str) -> bool:
     return function in getattr(p, "FUNCTIONS", TEXT_FUNCTIONS)
 
 
-def swap_forwards(model, cls, make_forward, report: PassReport) -> PassReport:
-    """Give every module of `model` that is a `cls` the forward make_forward(module) returns (on this
-    model instance: transformers' class is untouched), counting each in `report`."""
-    for module in model.modules():
-        if isinstance(module, cls):
-            module.forward = make_forward(module)
-            report.matched += 1
+def swap_each(modules, make_forward, report: PassReport) -> PassReport:
+    """Give each of `modules` the forward make_forward(module) returns (on these module instances:
+    transformers' classes are untouched), counting each in `report`."""
+    for module in modules:
+        module.forward = make_forward(module)
+        report.matched += 1
     return report
+
+
+def swap_forwards(model, cls, make_forward, report: PassReport) -> PassReport:
+    """swap_each over every module of `model` that is a `cls`."""
+    return swap_each((m for m in model.modules() if isinstance(m, cls)), make_forward, report)
 
 
 def decoder_layers(model):

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from . import PassReport
+from . import PassReport, swap_each
 
 NAME = "fuse_gqa_attention"
 OP_NAME = "rope_gqa_attention.default"
@@ -92,11 +92,7 @@ def install(model) -> PassReport:
     # mask (its mask graph would otherwise stay in the capture, unused).
     AttentionInterface.register(NAME, _never_called)
     model.set_attn_implementation(NAME)
-    report = PassReport(NAME, expected=expected_sites(model.config))
-    for attn in _attention_modules(model):
-        attn.forward = _fused_forward(attn)
-        report.matched += 1
-    return report
+    return swap_each(_attention_modules(model), _fused_forward, PassReport(NAME, expected=expected_sites(model.config)))
 
 
 def converter(report: PassReport, ctx):

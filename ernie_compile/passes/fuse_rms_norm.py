@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import PassReport, decoder_layers
+from . import PassReport, decoder_layers, swap_each
 
 NAME = "fuse_rms_norm"
 OP_NAME = "rms_norm.default"
@@ -55,11 +55,7 @@ def _fused_forward(norm):
 
 
 def install(model) -> PassReport:
-    report = PassReport(NAME, expected=expected_sites(model.config))
-    for norm in _norms(model):
-        norm.forward = _fused_forward(norm)
-        report.matched += 1
-    return report
+    return swap_each(_norms(model), _fused_forward, PassReport(NAME, expected=expected_sites(model.config)))
 
 
 def converter(report: PassReport, ctx):
