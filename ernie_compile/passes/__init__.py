@@ -76,10 +76,15 @@ def swap_forwards(model, cls, make_forward, report: PassReport) -> PassReport:
     return swap_each((m for m in model.modules() if isinstance(m, cls)), make_forward, report)
 
 
-def decoder_layers(model):
-    """The decoder layers of a text model (Ernie4_5ForCausalLM, …) or of the VL model's language model."""
+def text_decoder(model):
+    """The decoder of a text model (Ernie4_5ForCausalLM, …: its `model`) or the VL model's language model."""
     inner = model.model
-    return getattr(inner, "language_model", inner).layers
+    return getattr(inner, "language_model", inner)
+
+
+def decoder_layers(model):
+    """The decoder layers of a text model or of the VL model's language model."""
+    return text_decoder(model).layers
 
 
 def step_functions(mod) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import PassReport, decoder_layers, swap_each
+from . import PassReport, decoder_layers, swap_each, text_decoder
 
 NAME = "fuse_rms_norm"
 OP_NAME = "rms_norm.default"
@@ -36,10 +36,8 @@ def _(x, w, eps):
 
 def _norms(model) -> list[torch.nn.Module]:
     """The decoder's RMSNorms: each layer's input and post-attention norms, then the final norm."""
-    inner = model.model
-    inner = getattr(inner, "language_model", inner)
     found = [getattr(layer, a) for layer in decoder_layers(model) for a in ("input_layernorm", "post_attention_layernorm")]
-    found.append(inner.norm)
+    found.append(text_decoder(model).norm)
     return [m for m in found if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")]
 
 
