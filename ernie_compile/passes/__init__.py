@@ -41,6 +41,16 @@ def producer(mutator, expr, op_name: str):
     return None
 
 
+def leading_rows(x) -> tuple[list, object]:
+    """x's leading dims (all but the last) and their product: the M of the [M, C] a kernel over
+    rows sees, x being reshaped to it and the kernel's output back to [*lead, N]."""
+    lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
+    m = 1
+    for d in lead:
+        m = m * d
+    return lead, m
+
+
 def linear_read(mutator, call) -> LinearRead | None:
     """For R.matmul(x, wt): how wt reads a weight, or None if it is not a transposed weight."""
     outer = producer(mutator, call.args[1], "relax.astype")

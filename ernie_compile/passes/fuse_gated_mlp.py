@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import PassReport, decoder_layers
+from . import PassReport, decoder_layers, leading_rows
 
 NAME = "fuse_gated_mlp"
 OP_NAME = "gated_mlp.default"
@@ -113,10 +113,7 @@ def converter(report: PassReport, ctx):
         report.matched += 1
         if "silu_mul" in ctx.target.native_ops:
             make = ctx.target_kernels.silu_mul
-            *lead, _ = h.ty.shape
-            rows = 1
-            for d in lead:
-                rows = rows * d
+            lead, rows = leading_rows(h)
             dtype = h.ty.dtype
             gv = ctx.kernel(f"silu_mul_{inter}_{dtype}", lambda: make(inter, dtype))
             out = bb.emit(relax.call_tir(gv, [bb.emit(op.reshape(h, [rows, 2 * inter]))],

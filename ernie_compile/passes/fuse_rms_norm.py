@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import PassReport, decoder_layers, swap_each, text_decoder
+from . import PassReport, decoder_layers, leading_rows, swap_each, text_decoder
 
 NAME = "fuse_rms_norm"
 OP_NAME = "rms_norm.default"
@@ -66,12 +66,10 @@ def converter(report: PassReport, ctx):
         x, w = importer.env[node.args[0]], importer.env[node.args[1]]
         eps = float(node.args[2])
         report.matched += 1
-        *lead, c = x.ty.shape
+        lead, rows = leading_rows(x)
+        c = x.ty.shape[len(lead)]
         dtype, hidden = x.ty.dtype, int(c)
         if "rms_norm" in ctx.target.native_ops:
-            rows = 1
-            for d in lead:
-                rows = rows * d
             make = ctx.target_kernels.rms_norm
             gv = ctx.kernel(f"rms_norm_{hidden}_{dtype}_{w.ty.dtype}_e{eps:.6g}", lambda: make(hidden, eps, dtype, w.ty.dtype))
             out = bb.emit(relax.call_tir(gv, [bb.emit(op.reshape(x, [rows, c])), w], relax.TensorType([rows, c], dtype)))

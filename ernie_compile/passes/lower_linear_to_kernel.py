@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from ..errors import InternalError
-from . import PassReport
+from . import PassReport, leading_rows
 from .kernel_table import KernelTable
 
 NAME = "lower_linear_to_kernel"
@@ -40,10 +40,7 @@ def run(mod: tvm.IRModule, make_kernel, functions=None) -> tuple[tvm.IRModule, P
                 return expr
             n, k = (int(d) for d in w.ty.shape)
             gv = kernels.get(f"linear_{n}x{k}_{w.ty.dtype}", lambda: make_kernel(n, k, w.ty.dtype))
-            lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
-            m = 1
-            for d in lead:
-                m = m * d
+            lead, m = leading_rows(x)
             x2 = relax.op.reshape(x, [m, k])
             y = relax.call_tir(gv, [x2, w], relax.TensorType((m, n), w.ty.dtype))
             sites[0] += 1

@@ -20,7 +20,7 @@ from tvm import relax, tirx
 
 from .kernel_table import KernelTable
 from ..quant import QuantPolicy
-from . import PassReport, linear_read, rewrite_weight_inputs
+from . import PassReport, leading_rows, linear_read, rewrite_weight_inputs
 from .weight_records import WeightRecord
 
 NAME = "quantize_weights"
@@ -68,10 +68,7 @@ class _Rewriter(relax.PyExprMutator):
             return call
         spec, parts = entry
         n, k = (int(d) for d in read.weight.ty.shape)
-        lead = [x.ty.shape[i] for i in range(len(x.ty.shape) - 1)]
-        m = 1
-        for d in lead:
-            m = m * d
+        lead, m = leading_rows(x)
         # GPU targets schedule M = 1 (decode, a GEMV) and M symbolic (prefill, a GEMM) differently
         static_m = int(m) if self.target.static_m and isinstance(m, (int, tirx.IntImm)) else None
         # the importer may accumulate a float16 linear in float32 (matmul out_dtype): keep its output type
