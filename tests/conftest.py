@@ -83,13 +83,14 @@ def rel_error(ours: np.ndarray, ref: torch.Tensor) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def batch_vs_single(artifact, prompts: list[list[int]], steps: int = 4) -> float:
+def batch_vs_single(artifact, prompts: list[list[int]] | None = None, steps: int = 3) -> float:
     """The largest rel_error between the artifact's compiled batch step advancing all `prompts`
     together (one ragged prefill, then `steps` decode steps) and each prompt run alone (Session):
     the server's continuous batching against single sequences. Decode feeds the single runs' greedy
-    tokens to both."""
+    tokens to both. Default prompts: three lengths (PROMPT_IDS, 3 tokens, 1)."""
     from ernie_compile.runtime import Session
 
+    prompts = prompts or [PROMPT_IDS, PROMPT_IDS[:3][::-1], [7]]
     single, want = Session(artifact), []
     for p in prompts:
         single.reset()
@@ -97,7 +98,8 @@ def batch_vs_single(artifact, prompts: list[list[int]], steps: int = 4) -> float
         for _ in range(steps):
             logits.append(single.forward([int(np.argmax(logits[-1]))]))
         want.append(logits)
-    engine, ids = Session(artifact).engine, list(range(len(prompts)))
+    # the same loaded engine, its single-sequence cache replaced by a multi-sequence one
+    engine, ids = single.engine, list(range(len(prompts)))
     assert engine.batches, f"{artifact}: no compiled batch step"
     engine.open_batch(len(prompts))
     for i in ids:

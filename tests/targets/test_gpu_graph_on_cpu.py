@@ -91,5 +91,5 @@ def test_gpu_graph_matches_eager(case, tmp_path, request):
     assert session.generate(PROMPT_IDS, 12, stop_at_eos=False).tokens == eager_greedy(model, PROMPT_IDS, 12)
     # the batch step (continuous batching; the CUDA target compiles it) against single sequences:
     # ragged prompts of 3 lengths prefilled together, then decode steps together
-    err = batch_vs_single(out, [PROMPT_IDS, PROMPT_IDS[:3][::-1], [7]], steps=3)
+    err = batch_vs_single(out)
     assert err < tol, f"{case}: batch step off single sequences by {err:.2e} (tolerance {tol})"
